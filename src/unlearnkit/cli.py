@@ -1,0 +1,45 @@
+"""`unlearnkit` command line: a thin layer over the Python API. Each area adds its own subcommands."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import demo, prepare_cli
+    from .bench import add_bench_commands
+
+    parser = _Parser(prog="unlearnkit", description="LLM unlearning: unlearn, evaluate, attack, "
+                                     "report. Run `unlearnkit demo` for the whole TOFU story on the default model.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    demo.add_commands(sub)
+    prepare_cli.add_commands(sub)
+    add_bench_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"unlearnkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unlearnkit: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

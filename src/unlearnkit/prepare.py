@@ -1,0 +1,61 @@
+"""TOFU protocol, step 1: fine-tune the target model (forget + retain authors) and the retain model (retain
+authors only) from the base model, and cache both. Unlearning then starts from the target, and the retain model is
+the "never saw it" reference for forget quality."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .data import tofu
+from .data.format import PromptFormat
+from .models import DEFAULT_MODEL, cache_dir, load_model, resolve_model_path, save_model
+from .train.finetune import finetune
+from .train.loop import TrainConfig
+
+# Measured on SmolLM2-135M: lr 2e-4 for 5 epochs learns 40 TOFU QA to ROUGE-L ~0.97; lower settings left the facts
+# half-learned, which makes every unlearning result look better than it is.
+FINETUNE_DEFAULTS = dict(lr=2e-4, epochs=5.0, batch_size=8, warmup_ratio=0.1, weight_decay=0.01)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:] or "model"
+
+
+def prepared_dir(split: str, model: str | None, cfg: TrainConfig, fmt: PromptFormat, max_length: int) -> Path:
+    """Cache folder keyed by model, split and everything that changes the result."""
+    key = json.dumps({"model": str(model or DEFAULT_MODEL), "split": split, "cfg": asdict(cfg),
+                      "fmt": asdict(fmt), "max_length": max_length}, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return cache_dir() / "tofu" / f"{_slug(str(model or DEFAULT_MODEL))}-{split}-{digest}"
+
+
+def prepare_tofu(split: str = "mini", model: str | None = None, cfg: TrainConfig | None = None,
+                 fmt: PromptFormat = PromptFormat(), max_length: int = 512, dtype: str | None = None,
+                 device: str | None = None, force: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Fine-tune (or reuse cached) target and retain models for a TOFU split; returns {"target": dir, "retain": dir}."""
+    task = tofu.task(split)
+    cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
+    resolve_model_path(model)  # validate early, before any training
+    root = prepared_dir(split, model, cfg, fmt, max_length)
+    paths = {}
+    for role, items in (("target", task.train_target), ("retain", task.train_retain)):
+        out = root / role
+        if (out / "model.safetensors").is_file() and not force:
+            paths[role] = out
+            continue
+        work = root / f".{role}-work"  # checkpoints live here: an interrupted prepare resumes
+        net, tokenizer = load_model(model, dtype=dtype or "fp32", device=device)
+        print(f"[prepare] {split}: fine-tuning the {role} model on {len(items)} QA", file=sys.stderr)
+        log = finetune(net, tokenizer, items, cfg, out_dir=work, fmt=fmt, max_length=max_length,
+                       source=f"TOFU {split} {role}", progress=progress, desc=f"{role} fine-tune")
+        meta = {"role": role, "split": split, "base_model": str(model or DEFAULT_MODEL), "n_train": len(items),
+                "prompt_format": asdict(fmt), "max_length": max_length, "train_log": log}
+        save_model(net, tokenizer, out, extra_files={"unlearnkit_prepare.json": json.dumps(meta, indent=1)})
+        shutil.rmtree(work, ignore_errors=True)
+        paths[role] = out
+    return paths
