@@ -1,0 +1,256 @@
+"""Headline numbers from per-sample logs: our EVAL.json or the original TOFU codebase's eval logs.
+
+Both become one in-memory layout: {"split": str|None, "source": str, "sets": {set: {field: [per-sample values]}}}
+with TOFU's field names (avg_gt_loss = mean token NLL of the answer, avg_paraphrased_loss, average_perturb_loss,
+rougeL_recall, ...). `summarize` turns it into SUMMARY.json; every number it cannot compute is null with a reason.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from . import metrics as M
+
+SETS = ("forget", "retain", "real_authors", "world_facts")
+PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
+# Original TOFU file names → our set names (eval_log.json is the retain set).
+TOFU_FILES = {"eval_log_forget.json": "forget", "eval_log.json": "retain",
+              "eval_real_author_wo_options.json": "real_authors", "eval_real_world_wo_options.json": "world_facts"}
+TOFU_AGGREGATED = "eval_log_aggregated.json"
+REQUIRED = ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall")
+MIA_ATTACKS = ("loss", "zlib", "mink", "minkpp")
+PRIVLEAK_CONVENTION = ("MUSE: privleak = (AUC_model - AUC_retain) / AUC_retain * 100, AUC = P(loss-like score of "
+                       "holdout > forget); > 0 under-unlearned (forget still looks like training data), "
+                       "< 0 over-unlearned")
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: no such file") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable JSON ({str(e).splitlines()[0]})") from e
+
+
+def _as_list(value, source: str, field: str) -> list:
+    """TOFU logs store per-sample values either as {"0": v, "1": v, ...} or as a list."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        try:
+            keys = sorted(value, key=int)
+        except ValueError as e:
+            raise UserError(f"{source}: field {field!r} has non-integer keys (expected sample indices)") from e
+        if [int(k) for k in keys] != list(range(len(keys))):
+            raise UserError(f"{source}: field {field!r}: sample indices are not 0..{len(keys) - 1}")
+        return [value[k] for k in keys]
+    raise UserError(f"{source}: field {field!r} must be a list or an index→value object, got {type(value).__name__}")
+
+
+def _tofu_set(raw: dict, source: str) -> dict:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a JSON object of per-sample fields")
+    out = {}
+    for field in REQUIRED + ("rouge1_recall", "generated_text", "avg_gt_prob"):
+        if field in raw:
+            out[field] = _as_list(raw[field], source, field)
+    if "generated_text" in out:  # TOFU stores [input, generation, ground truth] per sample
+        gt = out.pop("generated_text")
+        if all(isinstance(g, (list, tuple)) and len(g) >= 3 for g in gt):
+            out["question"] = [g[0] for g in gt]
+            out["generated_text"] = [g[1] for g in gt]
+            out["answer"] = [g[2] for g in gt]
+    return out
+
+
+def load_log(path: str | Path) -> dict:
+    """EVAL.json, a TOFU eval_log_aggregated.json, one TOFU eval_log*.json, or a folder of TOFU logs."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "EVAL.json").is_file():
+            return load_log(path / "EVAL.json")
+        if (path / TOFU_AGGREGATED).is_file():
+            return load_log(path / TOFU_AGGREGATED)
+        sets = {name: _tofu_set(_read_json(path / f), str(path / f))
+                for f, name in TOFU_FILES.items() if (path / f).is_file()}
+        if not sets:
+            raise UserError(f"{path}: no EVAL.json and no TOFU eval logs ({', '.join(TOFU_FILES)})")
+        return _checked({"split": None, "source": str(path), "sets": sets})
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    if "sets" in data:  # our EVAL.json
+        return _checked({**data, "source": str(path)})
+    if any(f in data for f in TOFU_FILES):  # aggregated TOFU log: {file name: per-file log}
+        sets = {TOFU_FILES[f]: _tofu_set(data[f], f"{path}[{f}]") for f in TOFU_FILES if f in data}
+        return _checked({"split": None, "source": str(path), "sets": sets})
+    if path.name in TOFU_FILES:
+        return _checked({"split": None, "source": str(path), "sets": {TOFU_FILES[path.name]: _tofu_set(data, str(path))}})
+    if any(f in data for f in REQUIRED):
+        raise UserError(f"{path}: a single TOFU log must be named like {', '.join(TOFU_FILES)} to know its set")
+    raise UserError(f"{path}: neither an EVAL.json nor a TOFU eval log (no field {REQUIRED[0]!r})")
+
+
+def _checked(ev: dict) -> dict:
+    """Fields present, equal lengths within a set, finite numbers: else one-line error naming file/field/row."""
+    src = ev["source"]
+    if not isinstance(ev.get("sets"), dict):
+        raise UserError(f"{src}: field 'sets' missing or not an object")
+    for name, cols in ev["sets"].items():
+        required = ("avg_gt_loss",) if name == "holdout" else REQUIRED if name in SETS else ()
+        for field in required:
+            if field not in cols:
+                raise UserError(f"{src}: set {name!r}: field {field!r} missing")
+        n = None
+        for field, values in cols.items():
+            if not isinstance(values, list):
+                raise UserError(f"{src}: set {name!r}: field {field!r} is not a list")
+            if n is None:
+                n, first = len(values), field
+            elif len(values) != n:
+                raise UserError(f"{src}: set {name!r}: field {field!r} has {len(values)} values but {first!r} "
+                                f"has {n}")
+            if field in REQUIRED or field.startswith(("mia_", "rouge")) or field in ("es", "em"):
+                for i, v in enumerate(values):
+                    for x in (v if isinstance(v, list) else [v]):
+                        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                            raise UserError(f"{src}: set {name!r}: field {field!r} row {i}: {x!r} is not a finite "
+                                            f"number")
+        if "average_perturb_loss" in cols:
+            widths = {len(v) if isinstance(v, list) else -1 for v in cols["average_perturb_loss"]}
+            if -1 in widths or 0 in widths or len(widths) > 1:
+                raise UserError(f"{src}: set {name!r}: field 'average_perturb_loss' needs a non-empty list of the "
+                                f"same length per row")
+    return ev
+
+
+# ---- summary ------------------------------------------------------------------------------------------------------
+
+def _check_reference(ev: dict, ref: dict) -> None:
+    """The retain reference must be the same forget set: same split name (when both know it), length, questions."""
+    if ev.get("split") and ref.get("split") and ev["split"] != ref["split"]:
+        raise UserError(f"{ref['source']}: retain log is for split {ref['split']!r}, the evaluated model's log for "
+                        f"{ev['split']!r}")
+    f, rf = ev["sets"].get("forget"), ref["sets"].get("forget")
+    if f is None or rf is None:
+        return
+    n, rn = len(f["avg_gt_loss"]), len(rf["avg_gt_loss"])
+    if n != rn:
+        raise UserError(f"{ref['source']}: retain log has {rn} forget samples, the evaluated model's log has {n} "
+                        f"(different split?)")
+    if "question" in f and "question" in rf:
+        for i, (a, b) in enumerate(zip(f["question"], rf["question"])):
+            if a.strip() != b.strip():
+                raise UserError(f"{ref['source']}: forget row {i} question differs from the evaluated model's log "
+                                f"(retain log from another split?): {b[:60]!r}")
+
+
+def _set_summary(name: str, cols: dict, variant: str, out: dict, why: dict) -> None:
+    p = PREFIX[name]
+    forget = name == "forget"
+    gt = np.asarray(cols["avg_gt_loss"], float)
+    para = np.asarray(cols["avg_paraphrased_loss"], float)
+    pert = np.asarray(cols["average_perturb_loss"], float)
+    bad = [f for f, a in (("avg_gt_loss", gt), ("avg_paraphrased_loss", para), ("average_perturb_loss", pert))
+           if not np.isfinite(a).all()]
+    if bad:
+        for k in (f"{p}_prob", f"{p}_truth_ratio"):
+            out[k], why[k] = None, f"non-finite values in {name}.{bad[0]}"
+    else:
+        # Probability: plain on forget/retain, normalised over the options on real_authors/world_facts (TOFU).
+        out[f"{p}_prob"] = float((M.prob(gt) if name in ("forget", "retain") else M.normalised_prob(gt, pert)).mean())
+        out[f"{p}_truth_ratio"] = M.truth_ratio_score(M.truth_ratio(para, pert, variant), forget, variant)
+        for v in M.TRUTH_RATIO_VARIANTS:
+            if v != "tofu":
+                out[f"{p}_truth_ratio_{v}"] = M.truth_ratio_score(M.truth_ratio(para, pert, v), forget, v)
+    for field in ("rougeL_recall", "rouge1_recall", "rougeL_f1", "es", "em"):
+        key = f"{p}_{field}"
+        if field in cols:
+            out[key] = M.finite_mean(cols[field])
+            if out[key] is None:
+                why[key] = f"non-finite values in {name}.{field}"
+        elif field == "rougeL_recall":
+            out[key], why[key] = None, f"{name}.rougeL_recall missing"
+
+
+def _mia(ev: dict) -> dict | None:
+    f, h = ev["sets"].get("forget", {}), ev["sets"].get("holdout", {})
+    aucs = {}
+    for a in MIA_ATTACKS:
+        if f"mia_{a}" in f and f"mia_{a}" in h:
+            aucs[a] = M.auc(f[f"mia_{a}"], h[f"mia_{a}"])
+    return aucs
+
+
+def summarize(ev: dict, ref: dict | None = None, variant: str = "tofu") -> dict:
+    """SUMMARY dict from an EVAL-layout dict and an optional retain-model reference in the same layout."""
+    if variant not in M.TRUTH_RATIO_VARIANTS:
+        raise UserError(f"--truth-ratio: unknown value {variant!r}; choose one of {', '.join(M.TRUTH_RATIO_VARIANTS)}")
+    out: dict = {"split": ev.get("split"), "truth_ratio_variant": variant}
+    why: dict = {}
+    sets = ev["sets"]
+    for name in SETS:
+        if name in sets:
+            _set_summary(name, sets[name], variant, out, why)
+        else:
+            for k in ("prob", "truth_ratio", "rougeL_recall"):
+                out[f"{PREFIX[name]}_{k}"], why[f"{PREFIX[name]}_{k}"] = None, f"no {name} set in the log"
+    # Model utility: harmonic mean of the 9 non-forget numbers.
+    parts = [f"{PREFIX[s]}_{k}" for s in ("retain", "real_authors", "world_facts")
+             for k in ("prob", "rougeL_recall", "truth_ratio")]
+    missing = [k for k in parts if not M.is_finite(out.get(k))]
+    out["model_utility"] = None if missing else M.model_utility([out[k] for k in parts])
+    if missing:
+        why["model_utility"] = f"needs {', '.join(missing)}"
+    # Forget quality against the retain model.
+    out["forget_quality"] = None
+    if ref is None:
+        why["forget_quality"] = "no retain reference (--retain-model or --retain-log)"
+    elif "forget" not in sets or "forget" not in ref["sets"]:
+        why["forget_quality"] = "forget set missing in the log or in the retain reference"
+    else:
+        _check_reference(ev, ref)
+        f, rf = sets["forget"], ref["sets"]["forget"]
+        r = M.truth_ratio(f["avg_paraphrased_loss"], f["average_perturb_loss"], variant)
+        rr = M.truth_ratio(rf["avg_paraphrased_loss"], rf["average_perturb_loss"], variant)
+        if np.isfinite(r).all() and np.isfinite(rr).all():
+            out["forget_quality"] = M.forget_quality(r, rr)
+        else:
+            why["forget_quality"] = "non-finite truth ratios"
+    # Membership inference on forget vs holdout (when the log has a holdout set).
+    aucs = _mia(ev)
+    for a in MIA_ATTACKS:
+        out[f"mia_auc_{a}"] = aucs.get(a)
+    if ref is not None and "holdout" in sets and "holdout" in ref["sets"] and "forget" in ref["sets"]:
+        f, h, rf, rh = sets["forget"], sets["holdout"], ref["sets"]["forget"], ref["sets"]["holdout"]
+        if len(rf["avg_gt_loss"]) == len(f["avg_gt_loss"]) and len(rh["avg_gt_loss"]) == len(h["avg_gt_loss"]):
+            out["mia_auc_reference"] = M.auc(np.subtract(f["avg_gt_loss"], rf["avg_gt_loss"]),
+                                             np.subtract(h["avg_gt_loss"], rh["avg_gt_loss"]))
+    out.setdefault("mia_auc_reference", None)
+    ref_aucs = _mia(ref) if ref is not None else {}
+    for a in MIA_ATTACKS:
+        key = f"privleak_{a}"
+        out[key] = M.privleak(aucs[a], ref_aucs[a]) if a in aucs and a in ref_aucs else None
+    out["privleak"] = out["privleak_mink"]  # MUSE reports PrivLeak with Min-K% Prob
+    out["privleak_convention"] = PRIVLEAK_CONVENTION
+    if not aucs:
+        why["mia_auc_loss"] = "no holdout set with MIA scores (TOFU mini has one; pass --holdout otherwise)"
+    if out["privleak"] is None:
+        why["privleak"] = "needs MIA AUCs of the evaluated model and of the retain reference"
+    out["null_reasons"] = why
+    return out
+
+
+def aggregate(path, retain_log=None, variant: str = "tofu") -> dict:
+    ev = load_log(path)
+    ref = load_log(retain_log) if retain_log else None
+    if ref is not None:
+        _check_reference(ev, ref)
+    return summarize(ev, ref, variant)

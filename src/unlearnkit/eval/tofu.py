@@ -1,0 +1,199 @@
+"""TOFU evaluation: every teacher-forced number from one pooled, length-sorted pass over all (question, answer)
+sequences of all sets, plus one pooled batched greedy generation. Per-sample values use TOFU's field names so
+EVAL.json doubles as a TOFU-style log (eval aggregate / forget-quality reference)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from ..data import tofu as tofu_data
+from ..data.format import PromptFormat, encode_prompt, encode_qa, prompt_text
+from ..errors import UserError
+from . import metrics as M
+from .aggregate import SETS, load_log, summarize
+from .generate import greedy_generate
+from .logprobs import sequence_stats
+
+FORMAT = "unlearnkit-eval/1"
+
+
+def _sequences(sets: dict[str, list[dict]]):
+    """All (set, row, role, question, answer) to score. role: gt | para | pert j. real_authors/world_facts have no
+    paraphrase: their truth ratio uses the original answer (TOFU), i.e. the gt sequence."""
+    for name, rows in sets.items():
+        for i, row in enumerate(rows):
+            yield name, i, "gt", row["question"], row["answer"]
+            if name == "holdout":
+                continue
+            if name in ("forget", "retain"):
+                yield name, i, "para", row["question"], row["paraphrased_answer"]
+            for j, pert in enumerate(row["perturbed_answer"]):
+                yield name, i, ("pert", j), row["question"], pert
+
+
+def _check_rows(sets: dict[str, list[dict]]) -> None:
+    for name, rows in sets.items():
+        need = ("question", "answer") + (() if name == "holdout" else ("perturbed_answer",)) + (
+            ("paraphrased_answer",) if name in ("forget", "retain") else ())
+        for i, row in enumerate(rows):
+            for f in need:
+                if not row.get(f):
+                    raise UserError(f"TOFU {name} set: row {row.get('index', i)}: field {f!r} missing or empty")
+            if name != "holdout" and not isinstance(row["perturbed_answer"], list):
+                raise UserError(f"TOFU {name} set: row {row.get('index', i)}: 'perturbed_answer' is not a list")
+
+
+def _load_reference(retain_reference):
+    if retain_reference is None:
+        return None
+    if isinstance(retain_reference, dict):
+        if "sets" not in retain_reference:
+            raise UserError("retain_reference: expected an EVAL dict (with 'sets')")
+        return {"source": "retain_reference", **retain_reference}
+    return load_log(retain_reference)
+
+
+def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(), retain_reference=None,
+                  batch_size: int = 16, max_new_tokens: int = 200, guard=None, progress: bool = True,
+                  holdout: list[dict] | None = None, truth_ratio: str = "tofu", generate: bool = True) -> dict:
+    """Evaluate one model on a TOFU split. Returns the EVAL dict (per-sample values + "summary").
+
+    task: a TofuTask or a split name. retain_reference: the retain model's EVAL dict or a path to its EVAL.json /
+    TOFU logs (for forget quality, Reference MIA and PrivLeak). holdout: QA rows never trained on (MIA); default the
+    task's holdout (mini has one). generate=False skips generation (ROUGE becomes null).
+    """
+    from tqdm.auto import tqdm
+
+    task = tofu_data.task(task) if isinstance(task, str) else task
+    sets = dict(task.eval_sets())
+    holdout = task.holdout if holdout is None else holdout
+    if holdout:
+        sets["holdout"] = holdout
+    _check_rows(sets)
+    ref = _load_reference(retain_reference)
+
+    seqs = list(_sequences(sets))
+    examples = [encode_qa(tokenizer, q, a, fmt) for _, _, _, q, a in seqs]
+    prompts = [prompt_text(tokenizer, q, fmt) for _, _, _, q, _ in seqs]
+    want = [role == "gt" and name in ("forget", "holdout") for name, _, role, _, _ in seqs]
+    gen_rows = [(name, i) for name in SETS for i in range(len(sets[name]))] if generate else []
+    bar = tqdm(total=len(seqs) + len(gen_rows), desc=f"eval tofu {task.split}", disable=not progress)
+    stats = sequence_stats(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                           want_dist=want, prompts=prompts, guard=guard, progress=bar)
+    gens = []
+    if generate:
+        gen_prompts = [prompt_text(tokenizer, sets[n][i]["question"], fmt) for n, i in gen_rows]
+        gens = greedy_generate(model, tokenizer, [encode_prompt(tokenizer, sets[n][i]["question"], fmt)
+                                                  for n, i in gen_rows],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, prompts=gen_prompts,
+                               guard=guard, progress=bar)
+    bar.close()
+
+    cols = {name: _columns(name, rows) for name, rows in sets.items()}
+    for (name, i, role, _, answer), st in zip(seqs, stats):
+        c = cols[name]
+        if role == "gt":
+            c["avg_gt_loss"][i] = st.nll
+            c["num_token_gt"][i] = len(st.logp)
+            if name != "holdout":
+                c["es"][i] = M.extraction_strength(st.match)
+                c["em"][i] = M.exact_memorisation(st.match)
+                if name in ("real_authors", "world_facts"):
+                    c["avg_paraphrased_loss"][i] = st.nll
+            if st.mu is not None:
+                c["mia_loss"][i] = M.mia_loss(st.logp)
+                c["mia_zlib"][i] = M.mia_zlib(st.logp, answer)
+                c["mia_mink"][i] = M.mia_mink(st.logp)
+                c["mia_minkpp"][i] = M.mia_minkpp(st.logp, st.mu, st.var)
+        elif role == "para":
+            c["avg_paraphrased_loss"][i] = st.nll
+        else:
+            c["average_perturb_loss"][i][role[1]] = st.nll
+    for (name, i), text in zip(gen_rows, gens):
+        c = cols[name]
+        c["generated_text"][i] = text
+        for k, v in M.rouge(c["answer"][i], text).items():
+            c[k][i] = v
+    if not generate:
+        for name in SETS:
+            for k in ("generated_text", "rougeL_recall", "rouge1_recall", "rougeL_f1"):
+                cols[name].pop(k)
+
+    ev = {"format": FORMAT, "split": task.split, "source": "evaluate_tofu",
+          "prompt_format": {"kind": fmt.kind, "system_prompt": fmt.system_prompt},
+          "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "guard": guard is not None,
+                       "mink_k": M.MINK_K, "truth_ratio": truth_ratio},
+          "sets": cols}
+    ev["summary"] = summarize(ev, ref, truth_ratio)  # without generation: ROUGE and utility null, with reason
+    ev.pop("source")
+    return ev
+
+
+def _columns(name: str, rows: list[dict]) -> dict:
+    n = len(rows)
+    c = {"index": [r.get("index", i) for i, r in enumerate(rows)], "question": [r["question"] for r in rows],
+         "answer": [r["answer"] for r in rows], "avg_gt_loss": [None] * n, "num_token_gt": [None] * n}
+    if name == "holdout":
+        return {**c, **{f"mia_{a}": [None] * n for a in ("loss", "zlib", "mink", "minkpp")}}
+    c.update({"avg_paraphrased_loss": [None] * n,
+              "average_perturb_loss": [[None] * len(r["perturbed_answer"]) for r in rows],
+              "generated_text": [None] * n, "rougeL_recall": [None] * n, "rouge1_recall": [None] * n,
+              "rougeL_f1": [None] * n, "es": [None] * n, "em": [None] * n})
+    if name == "forget":
+        c.update({f"mia_{a}": [None] * n for a in ("loss", "zlib", "mink", "minkpp")})
+    return c
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+
+def _clean(x):
+    """JSON has no NaN/Infinity: non-finite numbers become null (the summary says why)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_clean(obj), f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_eval(out_dir, eval_dict: dict) -> Path:
+    """Write EVAL.json (everything) and SUMMARY.json (headline numbers) into out_dir, each atomically."""
+    out = Path(out_dir)
+    write_json_atomic(out / "EVAL.json", eval_dict)
+    write_json_atomic(out / "SUMMARY.json", eval_dict.get("summary", {}))
+    return out
+
+
+TABLE_KEYS = ("model_utility", "forget_quality", "forget_rougeL_recall", "forget_truth_ratio", "forget_prob",
+              "retain_rougeL_recall", "retain_truth_ratio", "retain_prob", "ra_rougeL_recall", "ra_truth_ratio",
+              "ra_prob", "wf_rougeL_recall", "wf_truth_ratio", "wf_prob", "forget_es", "forget_em",
+              "mia_auc_mink", "privleak")
+
+
+def summary_table(rows: dict[str, dict], keys=TABLE_KEYS) -> str:
+    """Metrics down, models across; '-' where a value is null (the summary's null_reasons say why)."""
+    names = list(rows)
+    keys = [k for k in keys if any(k in s for s in rows.values())]
+    width = max([len(k) for k in keys] + [6])
+    colw = [max(10, len(n)) for n in names]
+    fmt = lambda v: "-" if not M.is_finite(v) else f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, colw))]
+    for k in keys:
+        lines.append(f"{k:<{width}}  " + "  ".join(f"{fmt(rows[n].get(k)):>{w}}" for n, w in zip(names, colw)))
+    return "\n".join(lines)
