@@ -6,6 +6,11 @@ A caller gives
 - `step_loss(model, micro_batch)`: (loss tensor, {name: float} for the log).
 The loop owns AdamW, warm-up + decay, clipping, accumulation, autocast, checkpoint/resume, NaN guard, the
 progress bar and the JSON log.
+
+Multi-process (torchrun / accelerate launch, any backend): rank r takes micro-batches r, r+W, ...; after the last
+micro-batch of a step the gradients of the trained parameters are averaged across ranks with one all-reduce. We do
+not wrap the model in DDP: losses may call parts of the model directly (the backbone without the LM head, RMU's
+layer slices), which would bypass DDP's forward and silently skip its gradient sync.
 """
 from __future__ import annotations
 
@@ -116,6 +121,8 @@ def _to_device(obj, device):
 def _count_tokens(obj) -> int:
     if isinstance(obj, dict) and "attention_mask" in obj:
         return int(obj["attention_mask"].sum())
+    if isinstance(obj, dict):  # e.g. {"forget": batch, "retain": batch}
+        return sum(_count_tokens(o) for o in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(_count_tokens(o) for o in obj)
     return 0
@@ -148,9 +155,6 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     step = 0
     if resume and ckpt_dir and (ckpt_dir / "state.pt").is_file():
         step, log = _load_checkpoint(ckpt_dir, model, params, optimizer, scheduler)
-    train_model = model
-    if world > 1 and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
 
     from tqdm.auto import tqdm
 
@@ -174,18 +178,23 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
             m = step * micro_per_step + k * world + rank
             batch = _to_device(micro_batch(m), device)
             tokens += _count_tokens(batch)
-            sync = k == cfg.grad_accum - 1 or world == 1
-            ctx = train_model.no_sync() if (world > 1 and not sync) else _nullcontext()
-            with ctx, _autocast(cfg, device):
-                loss, parts = step_loss(train_model, batch)
+            with _autocast(cfg, device):
+                loss, parts = step_loss(model, batch)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at step {step + 1}; stopped "
-                                    f"(last good checkpoint kept in {ckpt_dir})" if ckpt_dir else
-                                    f"{desc}: loss is {loss.item()} at step {step + 1}; stopped")
+                # Weights are untouched since the last optimizer step: save them as the last good checkpoint.
+                where = ""
+                if ckpt_dir:
+                    if rank == 0:
+                        _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log)
+                    where = f"; the weights after step {step} are kept in {ckpt_dir}"
+                raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at step {step + 1} (try a lower learning "
+                                    f"rate); stopped{where}")
             (loss / cfg.grad_accum).backward()
             total_loss += loss.item() / cfg.grad_accum
             for name, value in parts.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) / cfg.grad_accum
+        if world > 1:
+            total_loss = _average_grads(params, world, device, total_loss)
         grad_norm = None
         if cfg.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -223,12 +232,21 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     return log
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+def _average_grads(params, world: int, device, loss_value: float) -> float:
+    """Mean of each trained parameter's gradient over ranks (= the gradient of the global batch), in one
+    all-reduce; the logged loss is averaged too. A parameter a rank did not reach counts as zero gradient."""
+    import torch.distributed as dist
 
-    def __exit__(self, *exc):
-        return False
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss_value], device=device)])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+    return float(flat[-1])
 
 
 def _jsonable(obj):
