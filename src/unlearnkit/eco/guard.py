@@ -1,0 +1,211 @@
+"""EcoGuard: a model + tokenizer whose prompts about the forget target get corrupted input embeddings.
+
+Contract (the evaluation module and the server rely on it):
+
+    with guard.arm(input_ids, prompt_mask, prompts):
+        model(...)            # teacher-forced: the one forward is corrupted
+        model.generate(...)   # generation: only the first forward (prefill) is corrupted; decoding is untouched
+
+`prompt_mask` is bool [B, T], true on prompt tokens (for left-padded generation: the attention mask). `prompts` are
+the prompt strings, one per row (raw questions, or the formatted prompt text: chat/plain wrappers are stripped
+before classification). Rows the classifier flags get the selected tokens (entity/all mode ∩ prompt_mask)
+corrupted; other rows and all non-prompt tokens are left exactly as they were.
+
+The hook is registered on the input-embedding module only while armed, so an unarmed model is unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.format import IGNORE, PromptFormat, _chat_pieces, encode_prompt
+from ..errors import UserError
+from .classifier import PromptClassifier
+from .corrupt import CorruptionConfig
+from .entities import TokenSelector
+
+ARTIFACT_VERSION = 1
+CONFIG_FILE, CLASSIFIER_FILE, METRICS_FILE, SEARCH_FILE = "eco.json", "classifier.json", "metrics.json", "search.json"
+
+
+@dataclass
+class ArmState:
+    flags: list[bool]
+    selected: torch.Tensor   # bool [B, T]: tokens that will be corrupted
+    fired: int = 0           # number of embedding forwards corrupted (0 or 1)
+    calls: int = 0           # embedding forwards seen while armed
+
+
+class EcoGuard:
+    def __init__(self, model, tokenizer, classifier: PromptClassifier | None, corruption: CorruptionConfig | None = None,
+                 mode: str = "entity", entities: list[str] = (), fmt: PromptFormat = PromptFormat(),
+                 meta: dict | None = None):
+        self.model, self.tokenizer, self.classifier = model, tokenizer, classifier
+        self.corruption = corruption or CorruptionConfig()
+        self.mode, self.entities, self.fmt = mode, list(entities), fmt
+        self.selector = TokenSelector(tokenizer, mode, self.entities)
+        self.meta = dict(meta or {})
+        self.last_state: ArmState | None = None
+
+    # -- classification ---------------------------------------------------------------------------------------
+    def question_of(self, prompt: str) -> str:
+        """The user text inside a formatted prompt (chat or plain wrapper stripped), else the prompt itself."""
+        if self.fmt.kind == "plain":
+            if prompt.startswith("Question: ") and prompt.endswith("\nAnswer:"):
+                return prompt[len("Question: "):-len("\nAnswer:")]
+            return prompt
+        try:
+            pieces = _chat_pieces(self.tokenizer, self.fmt.system_prompt)
+        except UserError:
+            return prompt
+        if pieces.prefix and prompt.startswith(pieces.prefix) and prompt.endswith(pieces.middle):
+            return prompt[len(pieces.prefix):len(prompt) - len(pieces.middle)]
+        return prompt
+
+    def flags(self, prompts: list[str]) -> list[bool]:
+        if self.classifier is None:  # no classifier: treat every prompt as flagged (used by the sigma search)
+            return [True] * len(prompts)
+        return self.classifier.flags([self.question_of(p) for p in prompts])
+
+    # -- the hook ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def arm(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
+            flags: list[bool] | None = None):
+        """Corrupt the next input-embedding forward (see module docstring). Yields the ArmState."""
+        if len(prompts) != input_ids.shape[0] or tuple(prompt_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"EcoGuard.arm: {len(prompts)} prompts / mask {tuple(prompt_mask.shape)} do not match "
+                             f"input_ids {tuple(input_ids.shape)}")
+        flags = list(self.flags(prompts) if flags is None else flags)
+        selected = self.selector.select(input_ids.cpu(), prompt_mask.cpu())
+        selected &= torch.tensor(flags, dtype=torch.bool).unsqueeze(1)
+        state = ArmState(flags=flags, selected=selected)
+        self.last_state = state
+        if not selected.any():
+            yield state
+            return
+
+        def hook(module, inputs, output):
+            state.calls += 1
+            if state.fired:
+                return None  # decoding steps (or a second forward) stay untouched
+            if tuple(output.shape[:2]) != tuple(selected.shape):
+                raise RuntimeError(f"EcoGuard: first embedding forward has shape {tuple(output.shape[:2])}, "
+                                   f"armed for {tuple(selected.shape)}")
+            state.fired = 1
+            return self.corruption.apply(output, selected.to(output.device))
+
+        handle = self.model.get_input_embeddings().register_forward_hook(hook)
+        try:
+            yield state
+        finally:
+            handle.remove()
+
+    # -- convenience: generation and teacher-forced scoring ----------------------------------------------------
+    def encode_prompts(self, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Left-padded prompt batch (input_ids, attention_mask) and the prompt texts."""
+        ids = [encode_prompt(self.tokenizer, q, self.fmt) for q in questions]
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, width - len(x):] = torch.tensor(x)
+            attention[row, width - len(x):] = 1
+        return input_ids, attention, list(questions)
+
+    @torch.no_grad()
+    def generate(self, questions: list[str], max_new_tokens: int = 64, guard: bool = True,
+                 **generate_kwargs) -> list[str]:
+        """Answer each question (formatted with the guard's prompt format). guard=False: the plain model."""
+        input_ids, attention, prompts = self.encode_prompts(questions)
+        device = next(self.model.parameters()).device
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs.update(generate_kwargs)
+        if not kwargs.get("do_sample"):
+            kwargs.setdefault("temperature", None)
+            kwargs.setdefault("top_p", None)
+            kwargs.setdefault("top_k", None)
+        ctx = self.arm(input_ids, attention.bool(), prompts) if guard else contextlib.nullcontext()
+        with ctx:
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        return self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+
+    def sequence_nll(self, batch: dict, prompts: list[str], flags: list[bool] | None = None):
+        """Teacher-forced per-row answer NLL (sum, n_tokens) with the prompt tokens corrupted for flagged rows.
+
+        `batch` comes from data.batching.collate (labels -100 on prompt and padding); only tokens that are
+        attended and unlabelled — the prompt — can be corrupted, never the answer."""
+        from ..train.nll import sequence_nll
+
+        prompt_mask = batch["attention_mask"].bool() & (batch["labels"] == IGNORE)
+        with self.arm(batch["input_ids"], prompt_mask, prompts, flags):
+            return sequence_nll(self.model, batch)
+
+    # -- artifact ---------------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"version": ARTIFACT_VERSION, "mode": self.mode, "entities": self.entities,
+                "corruption": self.corruption.to_dict(), "prompt_format": asdict(self.fmt),
+                "tau": self.classifier.tau if self.classifier else None, "metadata": self.meta}
+
+    def save(self, out_dir, metrics: dict | None = None, search: dict | None = None) -> Path:
+        """Write the artifact folder atomically (temp dir in the same parent, then rename)."""
+        if self.classifier is None:
+            raise UserError("ECO artifact: no classifier to save")
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        try:
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
+            self.classifier.save(tmp / CLASSIFIER_FILE)
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=1))
+            (tmp / SEARCH_FILE).write_text(json.dumps(search or {}, indent=1))
+            if out.exists():
+                if not (out / CONFIG_FILE).is_file():
+                    raise UserError(f"--out {out}: exists and is not an ECO artifact; refusing to replace it")
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    @classmethod
+    def load(cls, artifact_dir, model, tokenizer, device: str = "cpu") -> "EcoGuard":
+        cfg, clf = read_artifact(artifact_dir, device)
+        try:
+            corruption = CorruptionConfig(**cfg["corruption"])
+            fmt = PromptFormat(**cfg.get("prompt_format", {}))
+            return cls(model, tokenizer, clf, corruption, cfg["mode"], cfg.get("entities", []), fmt,
+                       cfg.get("metadata", {}))
+        except (KeyError, TypeError) as e:
+            raise UserError(f"--eco {artifact_dir}: bad field in {CONFIG_FILE} ({e})") from e
+
+
+def read_artifact(artifact_dir, device: str = "cpu") -> tuple[dict, PromptClassifier]:
+    path = Path(artifact_dir)
+    if not path.is_dir():
+        raise UserError(f"--eco {path}: no such directory")
+    for name in (CONFIG_FILE, CLASSIFIER_FILE):
+        if not (path / name).is_file():
+            raise UserError(f"--eco {path}: missing {name} (not an ECO artifact; make one with `unlearnkit eco fit`)")
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+        clf_dict = json.loads((path / CLASSIFIER_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--eco {path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(cfg, dict) or cfg.get("version") != ARTIFACT_VERSION:
+        raise UserError(f"--eco {path}/{CONFIG_FILE}: field 'version' is {cfg.get('version') if isinstance(cfg, dict) else cfg!r}, "
+                        f"expected {ARTIFACT_VERSION}")
+    return cfg, PromptClassifier.from_dict(clf_dict, f"--eco {path}/{CLASSIFIER_FILE}", device)
+
+
+def read_metrics(artifact_dir) -> dict:
+    path = Path(artifact_dir) / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
