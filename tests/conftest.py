@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: several test processes share 2 cores here, and OpenMP spin-waiting makes oversubscription slow.
+torch.set_num_threads(int(os.environ.get("UNLEARNKIT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
