@@ -56,8 +56,9 @@ def _token_stats(logits: torch.Tensor, targets: torch.Tensor, want_dist: torch.T
             sel = lsm[wd]
             p = sel.exp()
             m_sel = (p * sel).sum(-1)
-            v_sel = (p * sel.square()).sum(-1) - m_sel.square()
-            m[wd], v[wd] = m_sel, v_sel.clamp(min=0)
+            # Two-pass variance: E[x²] - μ² cancels catastrophically in fp32 (μ ≈ -log V, σ² ≪ μ²).
+            v_sel = (p * (sel - m_sel[:, None]).square()).sum(-1)
+            m[wd], v[wd] = m_sel, v_sel
         mu.append(m)
         var.append(v)
     cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)

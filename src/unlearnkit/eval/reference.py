@@ -75,7 +75,7 @@ def evaluate_tofu_reference(model, tokenizer, task, *, fmt: PromptFormat = Promp
             for lp, _, rows_lsm in _token_logprobs(model, tokenizer, gt, fmt, batch_size):
                 p = rows_lsm.exp()
                 mu = (p * rows_lsm).sum(-1)
-                var = (p * rows_lsm.square()).sum(-1) - mu.square()
+                var = (p * (rows_lsm - mu[:, None]).square()).sum(-1)
                 pp.append(M.mia_minkpp(lp, mu.numpy().astype(np.float64), var.numpy().astype(np.float64)))
             c["mia_minkpp"] = pp
     return cols

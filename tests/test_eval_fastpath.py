@@ -1,0 +1,123 @@
+"""The one-forward, length-sorted, head-at-labels path equals a naive per-sample full-logits computation; the whole
+TOFU evaluation equals the per-metric reference implementation; the guard hook sees what the contract says."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from unlearnkit.data import tofu
+from unlearnkit.data.format import PromptFormat, encode_prompt, encode_qa, prompt_text
+from unlearnkit.eval import evaluate_tofu
+from unlearnkit.eval.generate import greedy_generate
+from unlearnkit.eval.logprobs import sequence_stats
+from unlearnkit.eval.reference import evaluate_tofu_reference
+
+WORDS = "the of author novel born city wrote award mother father book series dark light river".split()
+
+
+def _random_pairs(n, seed=0):
+    r = np.random.default_rng(seed)
+    mk = lambda k: " ".join(r.choice(WORDS, k))
+    return [(mk(r.integers(3, 12)) + "?", mk(r.integers(1, 20)) + ".") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def small_task():
+    t = tofu.task("mini")
+    return dataclasses.replace(t, forget=t.forget[:5], retain_eval=t.retain_eval[:4], real_authors=t.real_authors[:4],
+                               world_facts=t.world_facts[:4], holdout=t.holdout[:5])
+
+
+def test_sequence_stats_equal_naive(tiny_model, tokenizer):
+    pairs = _random_pairs(9)
+    exs = [encode_qa(tokenizer, q, a) for q, a in pairs]
+    want = [i % 2 == 0 for i in range(9)]
+    fast = sequence_stats(tiny_model, exs, batch_size=4, pad_id=tokenizer.pad_token_id, want_dist=want)
+    for ex, st, w in zip(exs, fast, want):
+        ids = torch.tensor([ex["input_ids"]])
+        with torch.no_grad():
+            logits = tiny_model(ids).logits[0].double()  # unbatched, no padding, full logits
+        lsm = torch.log_softmax(logits, -1)
+        pos = [t for t in range(1, len(ex["labels"])) if ex["labels"][t] != -100]
+        lab = [ex["labels"][t] for t in pos]
+        np.testing.assert_allclose(st.logp, [lsm[t - 1, y].item() for t, y in zip(pos, lab)], atol=2e-5)
+        assert list(st.match) == [int(logits[t - 1].argmax()) == y for t, y in zip(pos, lab)]
+        if w:
+            p = lsm.exp()
+            mu = [(p[t - 1] * lsm[t - 1]).sum().item() for t in pos]
+            var = [(p[t - 1] * (lsm[t - 1] - m) ** 2).sum().item() for t, m in zip(pos, mu)]
+            np.testing.assert_allclose(st.mu, mu, atol=2e-5)
+            np.testing.assert_allclose(st.var, var, rtol=1e-4, atol=1e-6)
+        else:
+            assert st.mu is None
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model, tokenizer):
+    qs = [q for q, _ in _random_pairs(5, seed=1)]
+    ids = [encode_prompt(tokenizer, q) for q in qs]
+    batched = greedy_generate(tiny_model, tokenizer, ids, max_new_tokens=6, batch_size=5)
+    single = [greedy_generate(tiny_model, tokenizer, [x], max_new_tokens=6, batch_size=1)[0] for x in ids]
+    assert batched == single
+    assert all(batched)
+
+
+def test_stop_strings_cut_generation(tiny_model, tokenizer):
+    ids = [encode_prompt(tokenizer, "the author?")]
+    full = greedy_generate(tiny_model, tokenizer, ids, max_new_tokens=8)[0]
+    stop = full.split()[2]
+    cut = greedy_generate(tiny_model, tokenizer, ids, max_new_tokens=8, stop_strings=[stop])[0]
+    assert cut == full[:full.index(stop)].strip()
+
+
+def test_evaluate_tofu_equals_per_metric_reference(tiny_model, tokenizer, small_task):
+    ev = evaluate_tofu(tiny_model, tokenizer, small_task, batch_size=3, max_new_tokens=5, progress=False)
+    ref = evaluate_tofu_reference(tiny_model, tokenizer, small_task, batch_size=4, max_new_tokens=5)
+    assert set(ref) == set(ev["sets"])
+    for name, cols in ref.items():
+        for field, values in cols.items():
+            mine = ev["sets"][name][field]
+            if field == "generated_text":
+                assert mine == values, (name, field)
+            else:
+                np.testing.assert_allclose(np.asarray(mine, float), np.asarray(values, float), rtol=1e-4, atol=1e-5,
+                                           err_msg=f"{name}.{field}")
+    s = ev["summary"]
+    forget = ev["sets"]["forget"]
+    assert s["forget_prob"] == pytest.approx(np.mean(np.exp(-np.asarray(forget["avg_gt_loss"]))))
+    assert s["forget_quality"] is None and "retain" in s["null_reasons"]["forget_quality"]
+    assert 0 <= s["mia_auc_loss"] <= 1 and s["privleak"] is None
+    assert len(forget["generated_text"]) == 5 and forget["question"][0] == small_task.forget[0]["question"]
+
+
+class RecordingGuard:
+    def __init__(self):
+        self.calls = []
+
+    def arm(self, input_ids, prompt_mask, prompts):
+        self.calls.append((input_ids.clone(), prompt_mask.clone(), list(prompts)))
+        return contextlib.nullcontext()
+
+
+def test_guard_is_armed_with_prompt_mask_and_prompts(tiny_model, tokenizer, small_task):
+    guard = RecordingGuard()
+    task = dataclasses.replace(small_task, forget=small_task.forget[:2], retain_eval=small_task.retain_eval[:1],
+                               real_authors=small_task.real_authors[:1], world_facts=small_task.world_facts[:1],
+                               holdout=[])
+    plain = evaluate_tofu(tiny_model, tokenizer, task, max_new_tokens=3, progress=False)
+    guarded = evaluate_tofu(tiny_model, tokenizer, task, max_new_tokens=3, progress=False, guard=guard)
+    assert guarded["sets"]["forget"]["avg_gt_loss"] == plain["sets"]["forget"]["avg_gt_loss"]  # null guard
+    n_seqs = sum(len(rows) * (1 + (name in ("forget", "retain")) + len(rows[0]["perturbed_answer"]))
+                 for name, rows in task.eval_sets().items())
+    assert len(guard.calls) == -(-n_seqs // 16) + 1  # teacher-forced batches of 16, then one generation batch
+    questions = {r["question"] for rows in task.eval_sets().values() for r in rows}
+    for ids, mask, prompts in guard.calls:
+        assert mask.dtype == torch.bool and mask.shape == ids.shape and len(prompts) == ids.shape[0]
+        for row, prompt in enumerate(prompts):
+            assert any(prompt == prompt_text(tokenizer, q) for q in questions)
+            n_prompt = len(encode_prompt(tokenizer, next(q for q in questions if prompt_text(tokenizer, q) == prompt)))
+            assert int(mask[row].sum()) == n_prompt  # exactly the prompt tokens, never answer or padding
+            assert tokenizer.decode(ids[row][mask[row]]) == prompt
