@@ -76,9 +76,13 @@ class EcoGuard:
 
     # -- the hook ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def arm(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
+    def arm(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str] | None = None,
             flags: list[bool] | None = None):
-        """Corrupt the next input-embedding forward (see module docstring). Yields the ArmState."""
+        """Corrupt the next input-embedding forward (see module docstring). Yields the ArmState.
+
+        prompts=None: the prompt text is decoded from the prompt tokens. flags: skip the classifier."""
+        if prompts is None:
+            prompts = [self.tokenizer.decode(row[m]) for row, m in zip(input_ids.cpu(), prompt_mask.cpu().bool())]
         if len(prompts) != input_ids.shape[0] or tuple(prompt_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"EcoGuard.arm: {len(prompts)} prompts / mask {tuple(prompt_mask.shape)} do not match "
                              f"input_ids {tuple(input_ids.shape)}")
