@@ -17,6 +17,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import demo, prepare_cli
     from .bench import add_bench_commands
+    from .eval.cli import add_commands as add_eval_commands
 
     parser = _Parser(prog="unlearnkit", description="LLM unlearning: unlearn, evaluate, attack, "
                                      "report. Run `unlearnkit demo` for the whole TOFU story on the default model.")
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)
     prepare_cli.add_commands(sub)
     add_bench_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 
