@@ -252,6 +252,8 @@ def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] 
     topics: dict = {}
     forget_ex = _encode(tokenizer, forget, fmt, cfg["max_length"], "forget", topics)
     retain_ex = _encode(tokenizer, retain, fmt, cfg["max_length"], "retain") if uses_retain else []
+    if hasattr(module, "validate"):
+        module.validate(model, cfg)
     chosen = select_params(model, cfg, method)
     all_params = cfg["params"] is None and not module.__name__.endswith(".rmu")
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -144,10 +144,11 @@ class NaiveActivations:
         return m(**inputs, output_hidden_states=True, use_cache=False).hidden_states[self.layer + 1]
 
     def __call__(self, model, batch, with_frozen: bool):
+        h = self._h(model, batch)
         if not with_frozen:
-            return self._h(model, batch), None
+            return h, None
         with torch.no_grad():
-            return self._h(model, batch), self._h(self.frozen, batch)
+            return h, self._h(self.frozen, batch)
 
 
 # --- the method -----------------------------------------------------------------------------------------------------
@@ -159,12 +160,17 @@ def _per_topic(value, n_topics: int, name: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def setup(model, data, cfg, naive: bool = False):
-    layer, masked = cfg["layer"], cfg["padding"] == "masked"
-    n_layers = len(_decoder(model).layers)
-    if not 0 <= layer <= n_layers - 2:
+def validate(model, cfg) -> None:
+    """Checked before anything else is built."""
+    layer, n_layers = cfg["layer"], len(_decoder(model).layers)
+    if not isinstance(layer, int) or not 0 <= layer <= n_layers - 2:
         raise UserError(f"config layer: {layer} is out of range for a {n_layers}-layer model (0..{n_layers - 2}; "
                         "the last layer's HF hidden state is taken after the final norm)")
+
+
+def setup(model, data, cfg, naive: bool = False):
+    validate(model, cfg)
+    layer, masked = cfg["layer"], cfg["padding"] == "masked"
     trained_layers = []
     for name in data.param_names:
         i = _layer_index(name)
