@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import demo, prepare_cli
     from .bench import add_bench_commands
     from .eval.cli import add_commands as add_eval_commands
+    from .methods.cli import add_commands as add_unlearn_commands
+    from .eco.cli import add_commands as add_eco_commands
 
     parser = _Parser(prog="unlearnkit", description="LLM unlearning: unlearn, evaluate, attack, "
                                      "report. Run `unlearnkit demo` for the whole TOFU story on the default model.")
@@ -25,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)
     prepare_cli.add_commands(sub)
     add_bench_commands(sub)
+    add_unlearn_commands(sub)
     add_eval_commands(sub)
+    add_eco_commands(sub)
     return parser
 
 

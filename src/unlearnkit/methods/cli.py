@@ -1,0 +1,137 @@
+"""`unlearnkit unlearn --method NAME`: the command-line face of `unlearnkit.unlearn.unlearn`.
+
+Config precedence: method DEFAULTS < --config YAML < --set key=value < the explicit flags (--lr, --lora-r, ...).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..cli_common import TRAIN_FIELDS, add_format_args, add_model_args, add_train_args, prompt_format
+from ..errors import UserError
+from . import METHODS
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("unlearn", help="weight-space unlearning: ga, graddiff, npo, simnpo, rmu, adaptive_rmu")
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    add_model_args(p)
+    data = p.add_argument_group("data (a --tofu-split, or --forget/--forget-corpus files; each file is one topic)")
+    data.add_argument("--tofu-split", default=None, help="mini | forget01 | forget05 | forget10: unlearn the TOFU "
+                      "forget set from the prepared target model (fine-tuned from --model on first use, cached)")
+    data.add_argument("--forget", action="append", default=[], metavar="FILE", help="forget QA (.json/.jsonl/.csv)")
+    data.add_argument("--retain", default=None, metavar="FILE", help="retain QA")
+    data.add_argument("--forget-corpus", action="append", default=[], metavar="FILE",
+                      help="forget raw text (.txt passages or JSON rows with a text field)")
+    data.add_argument("--retain-corpus", default=None, metavar="FILE", help="retain raw text")
+    data.add_argument("--question-field", default="question")
+    data.add_argument("--answer-field", default="answer")
+    data.add_argument("--text-field", default="text")
+    add_format_args(p)
+    add_train_args(p, defaults="method")
+    p.add_argument("--config", default=None, metavar="YAML", help="method config (keys as in docs/methods.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (value parsed as YAML), e.g. --set beta=4.5")
+    p.add_argument("--layer", type=int, default=None, help="RMU: decoder layer l")
+    p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (merged on save)")
+    p.add_argument("--no-merge", action="store_true", help="with --lora-r: save the adapters, not a merged model")
+    p.add_argument("--out", default=None, help="output folder (default: runs/unlearn-METHOD)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out by a killed run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def load_config(args) -> dict:
+    import yaml
+
+    config = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"--config {path}: no such file")
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(config, dict):
+            raise UserError(f"--config {path}: expected a mapping of key: value")
+        config.pop("method", None)  # a config file may name its method; --method decides
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        config[key.strip()] = yaml.safe_load(value)
+    for name in TRAIN_FIELDS:
+        if getattr(args, name, None) is not None:
+            config[name] = getattr(args, name)
+    if args.layer is not None:
+        config["layer"] = args.layer
+    if args.lora_r is not None:
+        config["lora_r"] = args.lora_r
+    if args.no_merge:
+        config["lora_merge"] = False
+    if args.max_length != 512:
+        config["max_length"] = args.max_length
+    return config
+
+
+def load_data(args, fmt):
+    """(model path, forget rows, retain rows)."""
+    from ..data.qa import load_corpus, load_qa
+
+    if args.tofu_split and (args.forget or args.forget_corpus):
+        raise UserError("--tofu-split and --forget/--forget-corpus: give one source of forget data")
+    if args.tofu_split:
+        from ..data import tofu
+        from ..prepare import prepare_tofu
+
+        task = tofu.task(args.tofu_split)
+        paths = prepare_tofu(args.tofu_split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
+                             device=args.device, progress=not args.quiet)
+        return str(paths["target"]), task.forget, task.retain_train_for_unlearning
+    if not (args.forget or args.forget_corpus):
+        raise UserError("no forget data: give --tofu-split, --forget FILE or --forget-corpus FILE")
+    forget = []
+    for f in args.forget:
+        forget += [dict(r, topic=f) for r in load_qa(f, args.question_field, args.answer_field)]
+    for f in args.forget_corpus:
+        forget += [{"text": t, "topic": f} for t in load_corpus(f, args.text_field)]
+    retain = None
+    if args.retain and args.retain_corpus:
+        raise UserError("--retain and --retain-corpus: give one retain set")
+    if args.retain:
+        retain = load_qa(args.retain, args.question_field, args.answer_field)
+    elif args.retain_corpus:
+        retain = [{"text": t} for t in load_corpus(args.retain_corpus, args.text_field)]
+    return args.model, forget, retain
+
+
+def run(args) -> int:
+    import torch
+
+    from ..models import load_model
+    from ..train.loop import NonFiniteLoss
+    from ..unlearn import resolve_config, unlearn
+
+    fmt = prompt_format(args)
+    config = load_config(args)
+    resolve_config(args.method, config)  # bad keys fail before the (possibly long) TOFU preparation
+    model_path, forget, retain = load_data(args, fmt)
+    device = args.device
+    if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun / accelerate launch: one GPU per process
+    model, tokenizer = load_model(model_path, dtype=args.dtype or "fp32", device=device,
+                                  trust_remote_code=args.trust_remote_code)
+    out = args.out or f"runs/unlearn-{args.method}"
+    try:
+        info = unlearn(model, tokenizer, args.method, forget, retain, config, out_dir=out, fmt=fmt,
+                       progress=not args.quiet, resume=not args.no_resume)
+    except NonFiniteLoss as e:
+        print(f"unlearnkit: error: {e}", file=sys.stderr)
+        return 1
+    if info["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        last = info["steps"][-1] if info["steps"] else {}
+        print(f"{args.method}: {len(info['steps'])} steps, {info['seconds_per_step'] or 0:.3f} s/step, "
+              f"final loss {last.get('loss', float('nan')):.4f}; model saved to {out}")
+    return 0
