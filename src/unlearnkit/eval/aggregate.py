@@ -78,11 +78,12 @@ def load_log(path: str | Path) -> dict:
             return load_log(path / "EVAL.json")
         if (path / TOFU_AGGREGATED).is_file():
             return load_log(path / TOFU_AGGREGATED)
-        sets = {name: _tofu_set(_read_json(path / f), str(path / f))
-                for f, name in TOFU_FILES.items() if (path / f).is_file()}
-        if not sets:
+        files = {name: path / f for f, name in TOFU_FILES.items() if (path / f).is_file()}
+        if not files:
             raise UserError(f"{path}: no EVAL.json and no TOFU eval logs ({', '.join(TOFU_FILES)})")
-        return _checked({"split": None, "source": str(path), "sets": sets})
+        sets = {name: _tofu_set(_read_json(f), str(f)) for name, f in files.items()}
+        return _checked({"split": None, "source": str(path), "sets": sets,
+                         "files": {name: str(f) for name, f in files.items()}})
     data = _read_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
@@ -90,7 +91,8 @@ def load_log(path: str | Path) -> dict:
         return _checked({**data, "source": str(path)})
     if any(f in data for f in TOFU_FILES):  # aggregated TOFU log: {file name: per-file log}
         sets = {TOFU_FILES[f]: _tofu_set(data[f], f"{path}[{f}]") for f in TOFU_FILES if f in data}
-        return _checked({"split": None, "source": str(path), "sets": sets})
+        return _checked({"split": None, "source": str(path), "sets": sets,
+                         "files": {TOFU_FILES[f]: f"{path}[{f}]" for f in TOFU_FILES if f in data}})
     if path.name in TOFU_FILES:
         return _checked({"split": None, "source": str(path), "sets": {TOFU_FILES[path.name]: _tofu_set(data, str(path))}})
     if any(f in data for f in REQUIRED):
@@ -100,10 +102,12 @@ def load_log(path: str | Path) -> dict:
 
 def _checked(ev: dict) -> dict:
     """Fields present, equal lengths within a set, finite numbers: else one-line error naming file/field/row."""
-    src = ev["source"]
     if not isinstance(ev.get("sets"), dict):
-        raise UserError(f"{src}: field 'sets' missing or not an object")
+        raise UserError(f"{ev['source']}: field 'sets' missing or not an object")
     for name, cols in ev["sets"].items():
+        src = ev.get("files", {}).get(name, ev["source"])
+        if not isinstance(cols, dict):
+            raise UserError(f"{src}: set {name!r} is not an object of per-sample fields")
         required = ("avg_gt_loss",) if name == "holdout" else REQUIRED if name in SETS else ()
         for field in required:
             if field not in cols:
