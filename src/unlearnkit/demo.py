@@ -1,19 +1,94 @@
-"""`unlearnkit demo`: the whole TOFU story on the default model — prepare mini TOFU (cached), unlearn, evaluate
-target / retain / unlearned, write a run folder, print a summary table."""
+"""`unlearnkit demo`: the whole TOFU story on the default model, sized for a 2-core CPU.
+
+1. prepare mini TOFU: fine-tune the target (forget + retain authors) and the retain model (retain authors) — cached;
+2. evaluate the retain and target models — cached next to them;
+3. unlearn the forget authors from the target with SimNPO;
+4. evaluate the unlearned model against the retain model (forget quality, model utility, ROUGE, MIA);
+5. write the run folder and print the summary table.
+"""
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEMO_METHOD = "simnpo"
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help="prepare mini TOFU, unlearn, evaluate, report (default model, CPU-sized)")
-    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p = sub.add_parser("demo", help="prepare mini TOFU, unlearn with SimNPO, evaluate, report (CPU-sized)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo; replaced if it exists)")
     p.add_argument("--model", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default=DEMO_METHOD, help="unlearning method (default: simnpo)")
+    p.add_argument("--device", default=None)
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from .prepare import prepare_tofu
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
-    paths = prepare_tofu("mini", args.model)
-    for role, path in paths.items():
-        print(f"{role}\t{path}")
+
+def _cached_eval(model_dir: Path, task, device, retain_reference=None) -> dict:
+    """EVAL of a prepared model, cached beside it (the prepared models never change once written)."""
+    from .eval import evaluate_tofu
+    from .models import load_model
+
+    cache = model_dir.parent / f"eval-{model_dir.name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, tokenizer = load_model(str(model_dir), device=device)
+    result = evaluate_tofu(model, tokenizer, task, retain_reference=retain_reference)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, cache)
+    return result
+
+
+def run(args) -> int:
+    from .data import tofu
+    from .eval import evaluate_tofu, summary_table, write_eval
+    from .models import load_model
+    from .prepare import prepare_tofu
+    from .unlearn import unlearn
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    task = tofu.task("mini")
+    _log("1/5 prepare mini TOFU target + retain models (cached after the first run)")
+    paths = prepare_tofu("mini", args.model, device=args.device)
+    _log("2/5 evaluate the retain and target models (cached)")
+    retain_eval = _cached_eval(paths["retain"], task, args.device)
+    target_eval = _cached_eval(paths["target"], task, args.device, retain_reference=retain_eval)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))  # nothing half-written at --out
+    try:
+        _log(f"3/5 unlearn the forget authors with {args.method}")
+        model, tokenizer = load_model(str(paths["target"]), device=args.device)
+        info = unlearn(model, tokenizer, args.method, task.forget, task.retain_train_for_unlearning,
+                       out_dir=work / "unlearned")
+        _log("4/5 evaluate the unlearned model")
+        unlearned_eval = evaluate_tofu(info["model"], tokenizer, task, retain_reference=retain_eval)
+        _log("5/5 write the run folder")
+        evals = {"retain": retain_eval, "target": target_eval, f"unlearned ({args.method})": unlearned_eval}
+        for name, result in evals.items():
+            write_eval(work / "eval" / name.split(" ")[0], result)
+        table = summary_table({name: result["summary"] for name, result in evals.items()})
+        summary = {"split": "mini", "method": args.method, "models": {k: str(v) for k, v in paths.items()},
+                   "unlearned_model": str(out / "unlearned"), "seconds": time.perf_counter() - t0,
+                   "summaries": {name: result["summary"] for name, result in evals.items()}}
+        (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        (work / "summary.txt").write_text(table + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table)
+    print(f"\nrun folder: {out}  (unlearned model: {out / 'unlearned'}; per-sample values: {out}/eval/*/EVAL.json)")
+    print(f"total time: {time.perf_counter() - t0:.0f} s")
     return 0

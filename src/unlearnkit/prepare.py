@@ -19,7 +19,8 @@ from .train.loop import TrainConfig
 
 # Measured on SmolLM2-135M: lr 2e-4 for 5 epochs learns 40 TOFU QA to ROUGE-L ~0.97; lower settings left the facts
 # half-learned, which makes every unlearning result look better than it is.
-FINETUNE_DEFAULTS = dict(lr=2e-4, epochs=5.0, batch_size=8, warmup_ratio=0.1, weight_decay=0.01)
+FINETUNE_DEFAULTS = dict(lr=2e-4, epochs=5.0, batch_size=8, warmup_ratio=0.1, weight_decay=0.01,
+                         checkpoint_every=10)  # an interrupted prepare resumes from its last checkpoint
 
 
 def _slug(text: str) -> str:
@@ -28,7 +29,8 @@ def _slug(text: str) -> str:
 
 def prepared_dir(split: str, model: str | None, cfg: TrainConfig, fmt: PromptFormat, max_length: int) -> Path:
     """Cache folder keyed by model, split and everything that changes the result."""
-    key = json.dumps({"model": str(model or DEFAULT_MODEL), "split": split, "cfg": asdict(cfg),
+    result_cfg = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}  # does not change the result
+    key = json.dumps({"model": str(model or DEFAULT_MODEL), "split": split, "cfg": result_cfg,
                       "fmt": asdict(fmt), "max_length": max_length}, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return cache_dir() / "tofu" / f"{_slug(str(model or DEFAULT_MODEL))}-{split}-{digest}"

@@ -1,0 +1,1 @@
+from . import qa, tofu  # noqa: F401  (light: json/csv only)
