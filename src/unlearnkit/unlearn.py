@@ -242,9 +242,9 @@ class Run:
 
 
 def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] | None = None,
-          config: dict | None = None, fmt: PromptFormat = PromptFormat()) -> Run:
+          config: dict | None = None, fmt: PromptFormat = PromptFormat(), setup_kwargs: dict | None = None) -> Run:
     """Resolve the config, check and encode the data, choose the trained parameters (LoRA if asked) and set the
-    method up. Every error is raised here, before any training."""
+    method up. Every error is raised here, before any training. setup_kwargs: e.g. {"naive": True} for benches."""
     cfg = resolve_config(method, config)
     uses_retain = check_data(method, cfg, forget, retain)
     module, _ = METHODS[method]
@@ -267,7 +267,7 @@ def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] 
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     schedule = make_schedule(forget_ex, retain_ex, cfg, tokenizer.pad_token_id, len(topics))
     data = UnlearnData(forget_ex, retain_ex, tokenizer.pad_token_id, len(topics), param_names, schedule)
-    step_loss = module.setup(model, data, cfg)  # may raise UserError (e.g. RMU layer out of range)
+    step_loss = module.setup(model, data, cfg, **(setup_kwargs or {}))  # may raise UserError (e.g. RMU layer out of range)
     return Run(model, step_loss, schedule, params, data, cfg, train_cfg, uses_retain, list(topics), requires_grad)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..data.batching import batches
 from ..train.nll import sequence_nll
-from .common import retain_term
+from .common import frozen_copy, retain_term
 
 DEFAULTS = dict(lr=1e-5, epochs=5.0, batch_size=4, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
                 max_grad_norm=1.0, beta=0.1, gamma=1.0, alpha=1.0, retain_loss="nll")
@@ -40,15 +40,24 @@ def reference_nll(model, examples: list[dict], pad_id: int, batch_size: int = 16
     return out
 
 
-def setup(model, data, cfg):
-    ref_nll = reference_nll(model, data.forget, data.pad_id).to(next(model.parameters()).device)
+def setup(model, data, cfg, naive: bool = False):
+    """naive=True: hold a reference model and recompute its NLL every step (for `unlearnkit bench npo`)."""
+    if naive:
+        ref_model = frozen_copy(model)
+    else:
+        ref_nll = reference_nll(model, data.forget, data.pad_id).to(next(model.parameters()).device)
     retain = retain_term(model, cfg) if cfg["alpha"] else None
     beta, gamma, alpha = cfg["beta"], cfg["gamma"], cfg["alpha"]
 
     def step_loss(m, batch):
         forget = batch["forget"]
         nll, _ = sequence_nll(m, forget)
-        loss_f = npo_forget_loss(nll, ref_nll[forget["index"]], beta)
+        if naive:
+            with torch.no_grad():
+                ref = sequence_nll(ref_model, forget)[0]
+        else:
+            ref = ref_nll[forget["index"]]
+        loss_f = npo_forget_loss(nll, ref, beta)
         parts = {"forget_npo": loss_f.item(), "forget_nll": nll.mean().item()}
         loss = gamma * loss_f
         if retain is not None:
