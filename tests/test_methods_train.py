@@ -166,3 +166,23 @@ def test_two_gloo_processes_equal_one_process_with_same_global_batch(tiny_model_
     assert any(not torch.equal(ref[n], original[n]) for n in ref)
     for n, value in ddp["weights"].items():
         torch.testing.assert_close(value, ref[n], rtol=1e-5, atol=1e-6)
+
+
+def test_example_configs_resolve():
+    import yaml
+    from pathlib import Path
+
+    from unlearnkit.unlearn import resolve_config
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    methods = {"ga": "ga", "graddiff": "graddiff", "npo": "npo", "simnpo": "simnpo", "rmu": "rmu",
+               "adaptive": "adaptive_rmu"}
+    checked = 0
+    for f in files:
+        method = methods.get(f.stem.split("_")[0])
+        if method:
+            cfg = resolve_config(method, yaml.safe_load(f.read_text()))
+            assert all(cfg[k] == v or (isinstance(v, list) and list(cfg[k]) == v)
+                       for k, v in yaml.safe_load(f.read_text()).items())
+            checked += 1
+    assert checked >= 6
