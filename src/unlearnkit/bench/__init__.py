@@ -9,11 +9,11 @@ from pathlib import Path
 
 
 def add_bench_commands(sub) -> None:
-    from . import eco, finetune, npo, rmu, serve
+    from . import eco, eval as eval_bench, finetune, npo, rmu, serve
 
     p = sub.add_parser("bench", help="benchmarks: ratios measured in one run (--json PATH writes the figures)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for module in (finetune, rmu, npo, eco, serve):
+    for module in (finetune, eval_bench, rmu, npo, eco, serve):
         module.add_command(bsub)
 
 
