@@ -34,6 +34,7 @@ def add_commands(sub) -> None:
     m.add_argument("--verbmem-prompt-tokens", type=int, default=None,
                    help="cut VerbMem prompts to this many tokens (default: as given in the data)")
     m.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each set")
+    m.add_argument("--retain-log", default=None, help="retain model's MUSE EVAL.json (for PrivLeak)")
     _common(m, max_new=False)
     m.set_defaults(func=run_muse)
 
@@ -127,10 +128,10 @@ def run_muse(args) -> int:
     model, tok = _load(args, args.model)
     ev = evaluate_muse(model, tok, data, batch_size=args.batch_size, guard=_guard(args, model, tok),
                        verbmem_tokens=args.max_new_tokens_verbmem, knowmem_tokens=args.max_new_tokens_knowmem,
-                       verbmem_prompt_tokens=args.verbmem_prompt_tokens, progress=not args.no_progress)
+                       verbmem_prompt_tokens=args.verbmem_prompt_tokens, retain_reference=args.retain_log,
+                       progress=not args.no_progress)
     write_eval(args.out, ev)
-    for k, v in ev["summary"].items():
-        print(f"{k:<24} {v if v is None or isinstance(v, str) else f'{v:.4f}'}")
+    _print_summary(ev["summary"])
     return 0
 
 
@@ -144,6 +145,14 @@ def run_mcq(args) -> int:
     ev = evaluate_mcq(model, tok, items, batch_size=args.batch_size, guard=_guard(args, model, tok),
                       progress=not args.no_progress)
     write_eval(args.out, ev)
-    for k, v in ev["summary"].items():
-        print(f"{k:<32} {v:.4f}" if isinstance(v, float) else f"{k:<32} {v}")
+    _print_summary(ev["summary"])
     return 0
+
+
+def _print_summary(summary: dict) -> None:
+    shown = {k: v for k, v in summary.items() if not isinstance(v, (dict, str))}
+    width = max(len(k) for k in shown)
+    for k, v in shown.items():
+        print(f"{k:<{width}}  {'-' if v is None else f'{v:.4f}' if isinstance(v, float) else v}")
+    for k, why in summary.get("null_reasons", {}).items():
+        print(f"  {k}: null ({why})")
