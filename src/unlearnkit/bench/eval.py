@@ -4,7 +4,6 @@ forward per metric, batches in data order, generation per set), same model, spli
 speedup = reference time ÷ ours. Both produce the same per-sample numbers; the max difference is reported."""
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from . import add_json_arg, emit
@@ -30,14 +29,10 @@ def run(args) -> int:
     from ..data import tofu
     from ..eval import evaluate_tofu
     from ..eval.reference import evaluate_tofu_reference
+    from ..eval.tofu import limit_task
     from ..models import load_model
 
-    task = tofu.task(args.split)
-    if args.n:
-        cut = lambda rows: rows[:args.n]
-        task = dataclasses.replace(task, forget=cut(task.forget), retain_eval=cut(task.retain_eval),
-                                   real_authors=cut(task.real_authors), world_facts=cut(task.world_facts),
-                                   holdout=cut(task.holdout))
+    task = limit_task(tofu.task(args.split), args.n)
     model, tokenizer = load_model(args.model, device=args.device)
     kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -24,6 +24,7 @@ def add_commands(sub) -> None:
     t.add_argument("--truth-ratio", default="tofu", choices=["tofu", "arith", "para_share"],
                    help="truth-ratio variant used in the headline numbers (all are reported)")
     t.add_argument("--no-generate", action="store_true", help="skip generation (ROUGE and model utility null)")
+    t.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each set (quick runs)")
     t.set_defaults(func=run_tofu)
 
     m = esub.add_parser("muse", help="MUSE VerbMem / KnowMem (ROUGE-L F1) on MUSE-layout data")
@@ -75,29 +76,32 @@ def _guard(args, model, tokenizer):
         return None
     from ..eco import EcoGuard  # built separately; imported only when asked for
 
-    return EcoGuard.load(args.eco, model, tokenizer)
+    return EcoGuard.load(args.eco, model, tokenizer, device=str(next(model.parameters()).device))
 
 
 def run_tofu(args) -> int:
+    from ..data import tofu
     from ..data.qa import load_qa
-    from .tofu import evaluate_tofu, summary_table, write_eval
+    from .tofu import evaluate_tofu, limit_task, summary_table, write_eval
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be at least 1")
     fmt = prompt_format(args)
     holdout = load_qa(args.holdout) if args.holdout else None
+    task = limit_task(tofu.task(args.split), args.limit)
+    holdout = holdout[:args.limit] if holdout and args.limit else holdout
     kw = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
               holdout=holdout, truth_ratio=args.truth_ratio, generate=not args.no_generate)
     out, rows = Path(args.out), {}
     reference = args.retain_log
     if args.retain_model:  # the retain model is evaluated without a guard: it is the reference
         model, tok = _load(args, args.retain_model)
-        ev = evaluate_tofu(model, tok, args.split, **kw)
+        ev = evaluate_tofu(model, tok, task, **kw)
         write_eval(out / "retain", ev)
         rows["retain"], reference = ev["summary"], ev
         del model
     model, tok = _load(args, args.model)
-    ev = evaluate_tofu(model, tok, args.split, retain_reference=reference, guard=_guard(args, model, tok), **kw)
+    ev = evaluate_tofu(model, tok, task, retain_reference=reference, guard=_guard(args, model, tok), **kw)
     write_eval(out, ev)
     rows = {"model": ev["summary"], **rows}
     print(summary_table(rows))

@@ -132,6 +132,17 @@ def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(),
     return ev
 
 
+def limit_task(task, n: int | None):
+    """The first n rows of every evaluation set (quick runs); n None/0 → unchanged."""
+    import dataclasses
+
+    if not n:
+        return task
+    return dataclasses.replace(task, forget=task.forget[:n], retain_eval=task.retain_eval[:n],
+                               real_authors=task.real_authors[:n], world_facts=task.world_facts[:n],
+                               holdout=task.holdout[:n])
+
+
 def _columns(name: str, rows: list[dict]) -> dict:
     n = len(rows)
     c = {"index": [r.get("index", i) for i, r in enumerate(rows)], "question": [r["question"] for r in rows],
