@@ -50,7 +50,7 @@ def test_real_model_generation_and_probabilities(real_model):
     model, tok = real_model
     t = tofu.task("forget01")
     paris = [r for r in t.world_facts if r["answer"] == "Paris"][:1]
-    t = dataclasses.replace(t, forget=t.forget[:2], retain_eval=t.retain_eval[:1], real_authors=t.real_authors[:1],
+    t = dataclasses.replace(t, forget=t.forget[:1], retain_eval=t.retain_eval[:1], real_authors=t.real_authors[:1],
                             world_facts=paris, holdout=[])
     ev = evaluate_tofu(model, tok, t, max_new_tokens=12, progress=False)
     wf = ev["sets"]["world_facts"]
