@@ -20,6 +20,8 @@ def add_command(bsub) -> None:
     p.add_argument("--n", type=int, default=16, help="prompts (half forget, half general)")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a shared, busy machine)")
     p.add_argument("--repeats", type=int, default=2, help="timed passes of each side (interleaved)")
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -50,6 +52,10 @@ def run(args) -> int:
 
     if args.n < 2 or args.batch_size < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         raise UserError("--n must be >= 2; --batch-size, --max-new-tokens and --repeats >= 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     guard = _guard(args, model, tokenizer)
     task = tofu.task("mini")
@@ -79,10 +85,16 @@ def run(args) -> int:
         plain, plain_cpu = plain + wall, plain_cpu + cpu
         wall, cpu = generate_all(True)
         guarded, guarded_cpu = guarded + wall, guarded_cpu + cpu
-    emit({"prompts": len(prompts), "flagged": int(sum(flags)), "max_new_tokens": args.max_new_tokens,
+    emit({"threads": _threads(), "prompts": len(prompts), "flagged": int(sum(flags)), "max_new_tokens": args.max_new_tokens,
           "classifier_ms_per_prompt": batched * 1000, "classifier_ms_single": single * 1000,
           "plain_seconds": plain / args.repeats, "guarded_seconds": guarded / args.repeats,
           "overhead": guarded / plain,
           # CPU seconds of this process: less sensitive than wall time to other jobs on a shared machine
           "overhead_cpu": guarded_cpu / plain_cpu}, args.json)
     return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

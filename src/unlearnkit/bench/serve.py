@@ -19,6 +19,8 @@ def add_command(bsub) -> None:
     p.add_argument("--eco", default=None, help="ECO artifact to serve behind (default: none)")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a shared, busy machine)")
     p.add_argument("--max-tokens", type=int, default=8)
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -58,6 +60,10 @@ def run(args) -> int:
 
     if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
         raise UserError("--requests, --concurrency and --max-tokens must be >= 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     app, gen = build_app(args.model, args.eco, max_queue=max(64, args.concurrency))
     task = tofu.task("mini")
     pool = [r["question"] for r in task.forget] + [r["question"] for r in task.world_facts]
