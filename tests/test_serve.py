@@ -117,9 +117,14 @@ def test_bad_requests_get_4xx_with_message(server, body, status, needle):
     assert needle in r.json()["error"]["message"]
 
 
-def test_bad_completion_prompt(server):
+def test_bad_completion_prompt_and_huge_body(server):
     r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [1, 2, 3]}, timeout=60)
     assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "word " * 200}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(server.url + "/v1/completions", content=b"x" * (5 << 20), timeout=60)
+    assert r.status_code == 413
+    assert httpx.get(server.url + "/health", timeout=60).json()["status"] == "ok"
 
 
 def test_concurrent_requests_all_served(server):

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 MAX_STOP = 4
+MAX_BODY_BYTES = 4 << 20  # a request body beyond this is refused (413) before parsing
 
 
 class RequestError(Exception):
@@ -123,10 +124,10 @@ class Generator:
             raise RequestError(400, "'prompt' must be a non-empty string (or a list of exactly one string)", "prompt")
         return self.tokenizer(prompt)["input_ids"], prompt
 
-    def check_length(self, ids: list[int], max_tokens: int) -> None:
+    def check_length(self, ids: list[int], max_tokens: int, param: str) -> None:
         if len(ids) + max_tokens > self.max_context:
             raise RequestError(400, f"prompt has {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the "
-                               f"context length {self.max_context}", "messages", "context_length_exceeded")
+                               f"context length {self.max_context}", param, "context_length_exceeded")
 
     @torch.no_grad()
     def generate(self, ids: list[int], classify_text: str, params: dict) -> tuple[str, str, int, bool]:
@@ -164,7 +165,11 @@ def create_app(generator: Generator, max_queue: int = 64):
         return JSONResponse(_error_body(e.message, e.status, e.param, e.code), status_code=e.status)
 
     async def read_body(request: Request) -> dict:
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -179,7 +184,7 @@ def create_app(generator: Generator, max_queue: int = 64):
             generator.check_model(body)
             params = generator.sampling(body)
             ids, classify_text = (generator.chat_prompt(body) if kind == "chat" else generator.completion_prompt(body))
-            generator.check_length(ids, params["max_tokens"])
+            generator.check_length(ids, params["max_tokens"], "messages" if kind == "chat" else "prompt")
         except RequestError as e:
             return err(e)
         if state["waiting"] >= max_queue:
