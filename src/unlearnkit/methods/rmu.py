@@ -27,11 +27,13 @@ from ..errors import UserError
 from .common import frozen_copy
 
 # Reference (Zephyr-7B): layer 7, c 6.5, α 1200, lr 5e-5, batch 4, 150 batches, AdamW eps 1e-6 / wd 0, no
-# schedule or clipping. For SmolLM2-135M (30 layers, d=576) layer 7 is also a quarter of the depth; c and α were
-# chosen from its layer-7 activation norms (docs/methods.md).
+# schedule or clipping. For SmolLM2-135M (30 layers, d=576) layer 7 is also a quarter of the depth. Both loss terms
+# scale with the activation norm squared, so what transfers between models is c relative to the layer's norm:
+# SmolLM2's layer-7 tokens have mean norm ~144, so c = 600 (~4x, like the reference c against Zephyr's norms, and
+# close to Adaptive RMU's 5x) and the reference α. See docs/methods.md and docs/results_methods.md.
 DEFAULTS = dict(lr=5e-5, epochs=1.0, max_steps=150, batch_size=4, warmup_ratio=0.0, schedule="constant",
                 weight_decay=0.0, adam_eps=1e-6, max_grad_norm=None,
-                layer=7, steering_coeff=20.0, alpha=100.0, params=None, padding="masked",
+                layer=7, steering_coeff=600.0, alpha=1200.0, params=None, padding="masked",
                 adaptive=False, beta=5.0, adaptive_norm="first_batch")
 ADAPTIVE_DEFAULTS = dict(DEFAULTS, adaptive=True)
 NEEDS_RETAIN = True
