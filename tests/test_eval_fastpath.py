@@ -65,6 +65,24 @@ def test_batched_generation_equals_one_at_a_time(tiny_model, tokenizer):
     assert all(batched)
 
 
+def test_pruned_decoding_equals_hf_generate(make_tiny_model, tokenizer):
+    """Our decoder drops finished rows from batch and KV cache; the text must equal HF generate's, row by row."""
+    model = make_tiny_model(seed=5)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # make EOS likely so rows finish at different steps
+        model.lm_head.weight[eos] += 0.6 * model.lm_head.weight.norm(dim=1).mean() * torch.randn_like(
+            model.lm_head.weight[eos]).sign() / model.lm_head.weight.shape[1] ** 0.5
+    ids = [encode_prompt(tokenizer, q) for q, _ in _random_pairs(12, seed=3)]
+    pruned = greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6)
+    hf = greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6, engine="hf")
+    assert pruned == hf
+    lengths = {len(tokenizer(t)["input_ids"]) for t in pruned}
+    assert len(lengths) > 1  # rows really finished at different steps
+    stops = greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6, stop_strings=["the"])
+    assert stops == greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6, stop_strings=["the"],
+                                    engine="hf")
+
+
 def test_stop_strings_cut_generation(tiny_model, tokenizer):
     ids = [encode_prompt(tokenizer, "the author?")]
     full = greedy_generate(tiny_model, tokenizer, ids, max_new_tokens=8)[0]

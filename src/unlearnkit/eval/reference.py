@@ -61,7 +61,8 @@ def evaluate_tofu_reference(model, tokenizer, task, *, fmt: PromptFormat = Promp
                     chunk = rows[s:s + batch_size]
                     gens += greedy_generate(model, tokenizer, [encode_prompt(tokenizer, r["question"], fmt)
                                                                for r in chunk],
-                                            max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                            max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                            engine="hf")  # the straightforward way: HF generate
                 c["generated_text"] = gens
                 scores = [M.rouge(r["answer"], g) for r, g in zip(rows, gens)]
                 for k in ("rougeL_recall", "rouge1_recall", "rougeL_f1"):
