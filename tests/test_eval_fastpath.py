@@ -11,6 +11,7 @@ import torch
 
 from unlearnkit.data import tofu
 from unlearnkit.data.format import PromptFormat, encode_prompt, encode_qa, prompt_text
+from unlearnkit.errors import UserError
 from unlearnkit.eval import evaluate_tofu
 from unlearnkit.eval.generate import greedy_generate
 from unlearnkit.eval.logprobs import sequence_stats
@@ -126,7 +127,8 @@ def test_guard_is_armed_with_prompt_mask_and_prompts(tiny_model, tokenizer, smal
                                real_authors=small_task.real_authors[:1], world_facts=small_task.world_facts[:1],
                                holdout=[])
     plain = evaluate_tofu(tiny_model, tokenizer, task, max_new_tokens=3, progress=False)
-    guarded = evaluate_tofu(tiny_model, tokenizer, task, max_new_tokens=3, progress=False, guard=guard)
+    guarded = evaluate_tofu(tiny_model, tokenizer, task, max_new_tokens=3, progress=False, guard=guard,
+                            batch_size=16)
     assert guarded["sets"]["forget"]["avg_gt_loss"] == plain["sets"]["forget"]["avg_gt_loss"]  # null guard
     n_seqs = sum(len(rows) * (1 + (name in ("forget", "retain")) + len(rows[0]["perturbed_answer"]))
                  for name, rows in task.eval_sets().items())
@@ -139,3 +141,21 @@ def test_guard_is_armed_with_prompt_mask_and_prompts(tiny_model, tokenizer, smal
             n_prompt = len(encode_prompt(tokenizer, next(q for q in questions if prompt_text(tokenizer, q) == prompt)))
             assert int(mask[row].sum()) == n_prompt  # exactly the prompt tokens, never answer or padding
             assert tokenizer.decode(ids[row][mask[row]]) == prompt
+
+
+def test_reference_from_forget_and_holdout_only_gives_same_forget_quality(make_tiny_model, tokenizer, small_task):
+    """The demo's cheap retain reference (forget + holdout sets, teacher-forced) yields the same forget quality and
+    PrivLeak as the full reference; the sets it skips are null with a reason, never NaN."""
+    retain = make_tiny_model(seed=7)
+    full = evaluate_tofu(retain, tokenizer, small_task, max_new_tokens=3, progress=False)
+    cheap = evaluate_tofu(retain, tokenizer, small_task, generate=False, only_sets=("forget", "holdout"),
+                          progress=False)
+    assert set(cheap["sets"]) == {"forget", "holdout"}
+    assert cheap["summary"]["retain_prob"] is None and "retain" in cheap["summary"]["null_reasons"]["retain_prob"]
+    model = make_tiny_model(seed=8)
+    a = evaluate_tofu(model, tokenizer, small_task, max_new_tokens=3, retain_reference=full, progress=False)
+    b = evaluate_tofu(model, tokenizer, small_task, max_new_tokens=3, retain_reference=cheap, progress=False)
+    assert a["summary"]["forget_quality"] == b["summary"]["forget_quality"] is not None
+    assert a["summary"]["privleak"] == b["summary"]["privleak"] is not None
+    with pytest.raises(UserError, match="only_sets"):
+        evaluate_tofu(model, tokenizer, small_task, only_sets=("nosuch",), progress=False)

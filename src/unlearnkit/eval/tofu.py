@@ -57,8 +57,9 @@ def _load_reference(retain_reference):
 
 
 def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(), retain_reference=None,
-                  batch_size: int = 16, max_new_tokens: int = 200, guard=None, progress: bool = True,
-                  holdout: list[dict] | None = None, truth_ratio: str = "tofu", generate: bool = True) -> dict:
+                  batch_size: int = 32, max_new_tokens: int = 200, guard=None, progress: bool = True,
+                  holdout: list[dict] | None = None, truth_ratio: str = "tofu", generate: bool = True,
+                  only_sets: tuple[str, ...] | None = None) -> dict:
     """Evaluate one model on a TOFU split. Returns the EVAL dict (per-sample values + "summary").
 
     task: a TofuTask or a split name. retain_reference: the retain model's EVAL dict or a path to its EVAL.json /
@@ -72,6 +73,11 @@ def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(),
     holdout = task.holdout if holdout is None else holdout
     if holdout:
         sets["holdout"] = holdout
+    if only_sets is not None:
+        unknown = set(only_sets) - set(sets)
+        if unknown:
+            raise UserError(f"only_sets: unknown or empty set(s) {sorted(unknown)}; available: {sorted(sets)}")
+        sets = {name: rows for name, rows in sets.items() if name in only_sets}
     _check_rows(sets)
     ref = _load_reference(retain_reference)
 
@@ -79,7 +85,7 @@ def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(),
     examples = [encode_qa(tokenizer, q, a, fmt) for _, _, _, q, a in seqs]
     prompts = [prompt_text(tokenizer, q, fmt) for _, _, _, q, _ in seqs]
     want = [role == "gt" and name in ("forget", "holdout") for name, _, role, _, _ in seqs]
-    gen_rows = [(name, i) for name in SETS for i in range(len(sets[name]))] if generate else []
+    gen_rows = [(name, i) for name in SETS if name in sets for i in range(len(sets[name]))] if generate else []
     bar = tqdm(total=len(seqs) + len(gen_rows), desc=f"eval tofu {task.split}", disable=not progress)
     stats = sequence_stats(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
                            want_dist=want, prompts=prompts, guard=guard, progress=bar)
@@ -118,7 +124,7 @@ def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(),
         for k, v in M.rouge(c["answer"][i], text).items():
             c[k][i] = v
     if not generate:
-        for name in SETS:
+        for name in (n for n in SETS if n in cols):
             for k in ("generated_text", "rougeL_recall", "rouge1_recall", "rougeL_f1"):
                 cols[name].pop(k)
 
