@@ -71,14 +71,22 @@ def test_pruned_decoding_equals_hf_generate(make_tiny_model, tokenizer):
     model = make_tiny_model(seed=5)
     eos = tokenizer.eos_token_id
     with torch.no_grad():  # make EOS likely so rows finish at different steps
-        model.lm_head.weight[eos] += 0.6 * model.lm_head.weight.norm(dim=1).mean() * torch.randn_like(
+        model.lm_head.weight[eos] += 3.0 * model.lm_head.weight.norm(dim=1).mean() * torch.randn_like(
             model.lm_head.weight[eos]).sign() / model.lm_head.weight.shape[1] ** 0.5
     ids = [encode_prompt(tokenizer, q) for q, _ in _random_pairs(12, seed=3)]
     pruned = greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6)
     hf = greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6, engine="hf")
     assert pruned == hf
-    lengths = {len(tokenizer(t)["input_ids"]) for t in pruned}
-    assert len(lengths) > 1  # rows really finished at different steps
+    lengths = [len(tokenizer(t)["input_ids"]) for t in pruned]
+    assert min(lengths) < 12 and max(lengths) >= 24  # rows really stop at EOS, at different steps
+    for bs in (4, 5):  # batches that admit waiting prompts mid-flight (KV histories of different lengths joined)
+        shapes = []
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[:2])))
+        assert greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=bs) == hf
+        hook.remove()
+        prefill_rows = [b for b, t in shapes if t > 1]
+        assert any(b_step > prev for (prev, _), (b_step, t) in zip(shapes, shapes[1:]) if t == 1), "no join"
+        assert sum(prefill_rows) == len(ids)
     stops = greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6, stop_strings=["the"])
     assert stops == greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6, stop_strings=["the"],
                                     engine="hf")
@@ -159,3 +167,57 @@ def test_reference_from_forget_and_holdout_only_gives_same_forget_quality(make_t
     assert a["summary"]["privleak"] == b["summary"]["privleak"] is not None
     with pytest.raises(UserError, match="only_sets"):
         evaluate_tofu(model, tokenizer, small_task, only_sets=("nosuch",), progress=False)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_rows_equal_separate_rows(tiny_model, tokenizer, attn):
+    """Several answers per question (TOFU's gt/para/perturbed layout), one question with a single answer, and a
+    duplicate: the shared-prompt rows give the same statistics as one row per example, and as the naive path."""
+    from unlearnkit.eval.logprobs import can_share_prompts
+
+    tiny_model.set_attn_implementation(attn)
+    assert can_share_prompts(tiny_model)
+    r = np.random.default_rng(3)
+    mk = lambda k: " ".join(r.choice(WORDS, k))
+    questions = [mk(r.integers(3, 12)) + "?" for _ in range(5)]
+    pairs = [(q, mk(r.integers(1, 20)) + ".") for q in questions for _ in range(r.integers(1, 6))]
+    pairs.append(pairs[0])
+    exs = [encode_qa(tokenizer, q, a) for q, a in pairs]
+    want = [i % 3 == 0 for i in range(len(exs))]
+    shared = sequence_stats(tiny_model, exs, batch_size=3, pad_id=tokenizer.pad_token_id, want_dist=want)
+    separate = sequence_stats(tiny_model, exs, batch_size=3, pad_id=tokenizer.pad_token_id, want_dist=want,
+                              share_prompts=False)
+    for ex, a, b in zip(exs, shared, separate):
+        np.testing.assert_allclose(a.logp, b.logp, atol=2e-5)
+        assert list(a.match) == list(b.match)
+        if a.mu is not None:
+            np.testing.assert_allclose(a.mu, b.mu, atol=2e-5)
+            np.testing.assert_allclose(a.var, b.var, rtol=1e-4, atol=1e-6)
+        else:
+            assert b.mu is None
+        with torch.no_grad():
+            lsm = torch.log_softmax(tiny_model(torch.tensor([ex["input_ids"]])).logits[0].double(), -1)
+        pos = [t for t in range(1, len(ex["labels"])) if ex["labels"][t] != -100]
+        np.testing.assert_allclose(a.logp, [lsm[t - 1, ex["labels"][t]].item() for t in pos], atol=2e-5)
+    tiny_model.set_attn_implementation("sdpa")
+
+
+def test_shared_prompt_rows_pack_each_prompt_once(tokenizer):
+    from unlearnkit.eval.logprobs import pack_shared_prompts, shared_prompt_batch
+
+    exs = [encode_qa(tokenizer, "who?", a) for a in ("red.", "blue green.", "a b c d.")]
+    exs.append(encode_qa(tokenizer, "where?", "here."))
+    rows = pack_shared_prompts(exs)
+    assert [r.members for r in rows] == [[0, 1, 2], [3]]
+    p = next(t for t, y in enumerate(exs[0]["labels"]) if y != -100)
+    answers = sum(len(e["input_ids"]) - p for e in exs[:3])
+    assert len(rows[0].input_ids) == p + answers
+    batch = shared_prompt_batch(rows, tokenizer.pad_token_id, torch.float32)
+    mask = batch["attention_mask"][0, 0] == 0
+    seg = torch.tensor(rows[0].segment)
+    second = (seg == 2).nonzero()[:, 0]
+    assert mask[second[-1], :p].all() and mask[second[-1], second].all()       # sees prompt and itself
+    assert not mask[second[-1], seg == 1].any()                                  # never the first answer
+    assert batch["position_ids"][0, second[0]] == p                               # positions restart after prompt
+    p3 = next(t for t, y in enumerate(exs[3]["labels"]) if y != -100)
+    assert batch["prompt_mask"][0].sum() == p and batch["prompt_mask"][1].sum() == p3

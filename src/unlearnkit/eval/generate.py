@@ -1,7 +1,9 @@
-"""Batched greedy generation: left padding, length-sorted batches, cut at EOS and at stop strings."""
+"""Batched greedy generation: left padding, length-sorted prompts, continuous batching, cut at EOS and stop strings."""
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections import deque
 
 import torch
 
@@ -21,31 +23,42 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
     """Greedy continuation of each tokenised prompt, decoded without special tokens, in input order.
 
     Rows stop at the tokenizer's EOS; with stop_strings a row also ends once one appears and the text is cut before
-    it. Batches are length-sorted so left padding stays small.
-    engine="pruned" (default): our decoding loop drops finished rows from the batch and the KV cache, so one
-    long answer does not make its whole batch decode to max_new_tokens. engine="hf": `model.generate` (reference).
-    Both give the same text (tests check).
+    it. Prompts are taken in length order so left padding stays small.
+    engine="pruned" (default): our decoding loop (continuous batching). Finished rows leave the batch and the KV
+    cache at once, and once half the batch is free, waiting prompts are prefilled and join it — so a few long
+    answers neither make their batch decode to max_new_tokens nor leave the batch running at one or two rows.
+    engine="hf": `model.generate` on fixed batches (reference). Both give the same text (tests check).
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    out: list[str | None] = [None] * len(prompt_ids)
-    decode = _decode_pruned if engine == "pruned" else _decode_hf
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+
+    def left_padded(idx):
         batch = collate([{"input_ids": prompt_ids[i], "labels": prompt_ids[i]} for i in idx], pad, "left")
-        ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        arm = (guard.arm(ids, attn.bool(), [prompts[i] for i in idx] if prompts else None)
-               if guard is not None else contextlib.nullcontext())
-        with arm:  # the guard corrupts the first forward only: the prefill
-            new_tokens = decode(model, tokenizer, ids, attn, max_new_tokens, pad, stop_strings)
-        for row, i in enumerate(idx):
-            new = new_tokens[row]
-            if tokenizer.eos_token_id in new:
-                new = new[:new.index(tokenizer.eos_token_id)]
-            out[i] = cut_at_stops(tokenizer.decode(new, skip_special_tokens=True), stop_strings).strip()
-        if progress is not None:
-            progress.update(len(idx))
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+    def armed(idx, ids, attn):  # the guard corrupts the first forward only: the prefill
+        return (guard.arm(ids, attn.bool(), [prompts[i] for i in idx] if prompts else None)
+                if guard is not None else contextlib.nullcontext())
+
+    new_tokens: dict[int, list[int]] = {}
+    if engine == "hf":
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, attn = left_padded(idx)
+            with armed(idx, ids, attn):
+                new_tokens.update(zip(idx, _decode_hf(model, tokenizer, ids, attn, max_new_tokens, pad, stop_strings)))
+            if progress is not None:
+                progress.update(len(idx))
+    else:
+        new_tokens = _decode_continuous(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size,
+                                        stop_strings, progress)
+    out = []
+    for i in range(len(prompt_ids)):
+        new = new_tokens[i]
+        if tokenizer.eos_token_id in new:
+            new = new[:new.index(tokenizer.eos_token_id)]
+        out.append(cut_at_stops(tokenizer.decode(new, skip_special_tokens=True), stop_strings).strip())
     return out
 
 
@@ -57,32 +70,97 @@ def _decode_hf(model, tokenizer, ids, attn, max_new_tokens, pad, stop_strings) -
     return [row.tolist() for row in gen[:, ids.shape[1]:]]
 
 
-def _decode_pruned(model, tokenizer, ids, attn, max_new_tokens, pad, stop_strings) -> list[list[int]]:
-    new_tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    active = torch.arange(ids.shape[0], device=ids.device)  # batch rows still decoding, in cache order
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    step_input, cache = ids, None
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_input, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
-        next_token = out.logits[:, -1].argmax(-1)
-        keep = []
-        for k, (row, token) in enumerate(zip(active.tolist(), next_token.tolist())):
-            new_tokens[row].append(token)
-            done = token == tokenizer.eos_token_id or (
-                stop_strings and any(s in tokenizer.decode(new_tokens[row][-16:], skip_special_tokens=True)
-                                     for s in stop_strings))
-            if not done:
-                keep.append(k)
-        if not keep:
-            break
-        if len(keep) < len(active):  # drop finished rows from the batch and the KV cache
-            sel = torch.tensor(keep, device=ids.device)
-            cache.batch_select_indices(sel)
-            active, next_token, attn = active[sel], next_token[sel], attn[sel]
-            positions = positions[sel]
-        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        step_input = next_token.unsqueeze(1)
+def _mergeable(cache) -> bool:
+    """Plain per-layer key/value tensors (DynamicLayer) can be padded and concatenated; anything else (sliding
+    window, quantised, other transformers versions) falls back to refilling only when the batch is empty."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _join(cache, attn, new_cache, new_attn):
+    """Append new rows to the batch: left-pad the shorter KV history with masked zeros, concatenate rows."""
+    width = max(attn.shape[1], new_attn.shape[1])
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        for name in ("keys", "values"):
+            old, new = getattr(layer, name), getattr(new_layer, name)
+            setattr(layer, name, torch.cat([_pad_left(old, width - old.shape[-2], -2),
+                                            _pad_left(new, width - new.shape[-2], -2)]))
+    return torch.cat([_pad_left(attn, width - attn.shape[1], 1), _pad_left(new_attn, width - new_attn.shape[1], 1)])
+
+
+def _trim_left(cache, attn):
+    """Drop leading KV columns that no remaining row attends to (padding of rows that have left)."""
+    first = int(attn.any(0).int().argmax())
+    if first > 0:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        attn = attn[:, first:]
+    return attn
+
+
+def _decode_continuous(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size, stop_strings,
+                       progress) -> dict[int, list[int]]:
+    queue = deque(order)
+    new_tokens: dict[int, list[int]] = {i: [] for i in order}
+    if max_new_tokens <= 0:
+        return new_tokens
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    rows: list[int] = []   # prompt index of each batch row, in cache order
+    cache = attn = positions = pending = None   # pending: each row's newest token, fed at the next step
+    can_join = True
+
+    def finished(i: int) -> bool:
+        toks = new_tokens[i]
+        return (toks[-1] == tokenizer.eos_token_id or len(toks) >= max_new_tokens or bool(stop_strings) and any(
+            s in tokenizer.decode(toks[-16:], skip_special_tokens=True) for s in stop_strings))
+
+    while queue or rows:
+        free = batch_size - len(rows)
+        if queue and (not rows or (can_join and free >= max(1, batch_size // 2))):
+            idx = [queue.popleft() for _ in range(min(free, len(queue)))]
+            ids, new_attn = left_padded(idx)
+            new_positions = (new_attn.cumsum(-1) - 1).clamp(min=0)
+            with armed(idx, ids, new_attn):
+                out = model(input_ids=ids, attention_mask=new_attn, position_ids=new_positions, use_cache=True,
+                            **keep_last)
+            token = out.logits[:, -1].argmax(-1)
+            if rows:
+                attn = _join(cache, attn, out.past_key_values, new_attn)
+                positions = torch.cat([positions, new_positions[:, -1:]])
+                pending = torch.cat([pending, token])
+            else:
+                cache, attn, positions, pending = out.past_key_values, new_attn, new_positions[:, -1:], token
+                can_join = _mergeable(cache)
+            rows += idx
+            fresh = range(len(rows) - len(idx), len(rows))
+        else:
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            positions = positions + 1
+            out = model(input_ids=pending[:, None], attention_mask=attn, position_ids=positions, past_key_values=cache,
+                        use_cache=True)
+            cache, pending = out.past_key_values, out.logits[:, -1].argmax(-1)
+            fresh = range(len(rows))
+        for k in fresh:
+            new_tokens[rows[k]].append(int(pending[k]))
+        keep = [k for k in range(len(rows)) if not finished(rows[k])]
+        if progress is not None:
+            progress.update(len(rows) - len(keep))
+        if len(keep) < len(rows):  # finished rows leave the batch and the KV cache
+            rows = [rows[k] for k in keep]
+            if rows:
+                sel = torch.tensor(keep, device=attn.device)
+                cache.batch_select_indices(sel)
+                attn, positions, pending = attn[sel], positions[sel], pending[sel]
+                attn = _trim_left(cache, attn) if can_join else attn
     return new_tokens

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from ..data.format import IGNORE
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
+    """(decoder without head, LM head), or (None, None) where the head-at-labels shortcut does not apply."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     base = getattr(base, "module", base)  # DDP
     backbone = base.get_decoder() if hasattr(base, "get_decoder") else None
@@ -34,7 +35,7 @@ def label_logits(model, batch: dict, full_logits: bool = False):
     rows = keep.nonzero(as_tuple=True)[0]
     targets = shifted[keep]
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    backbone, head = (None, None) if full_logits else _backbone_and_head(model)
+    backbone, head = (None, None) if full_logits else backbone_and_head(model)
     if backbone is None:
         logits = model(**kwargs, use_cache=False).logits[:, :-1][keep]
     else:
