@@ -87,6 +87,7 @@ def test_pruned_decoding_equals_hf_generate(make_tiny_model, tokenizer):
         prefill_rows = [b for b, t in shapes if t > 1]
         assert any(b_step > prev for (prev, _), (b_step, t) in zip(shapes, shapes[1:]) if t == 1), "no join"
         assert sum(prefill_rows) == len(ids)
+    assert greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=4, engine="pruned") == hf
     stops = greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6, stop_strings=["the"])
     assert stops == greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=6, stop_strings=["the"],
                                     engine="hf")
@@ -221,3 +222,19 @@ def test_shared_prompt_rows_pack_each_prompt_once(tokenizer):
     assert batch["position_ids"][0, second[0]] == p                               # positions restart after prompt
     p3 = next(t for t, y in enumerate(exs[3]["labels"]) if y != -100)
     assert batch["prompt_mask"][0].sum() == p and batch["prompt_mask"][1].sum() == p3
+
+
+def test_bench_eval_runs_and_compares_paths(tiny_model_dir, tmp_path):
+    """`unlearnkit bench eval` on the tiny model: every path agrees; the figures are written."""
+    import json
+
+    from unlearnkit.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "eval", "--model", str(tiny_model_dir), "--n", "2", "--max-new-tokens", "4",
+                 "--batch-size", "3", "--json", str(out)]) == 0
+    fig = json.loads(out.read_text())
+    assert fig["same_generations"] and fig["continuous_same_text"]
+    assert fig["max_abs_diff_gt_loss"] < 1e-4 and fig["shared_prompt_max_abs_diff_logp"] < 1e-4
+    for k in ("speedup", "shared_prompt_speedup", "continuous_speedup"):
+        assert fig[k] > 0

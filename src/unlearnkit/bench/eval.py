@@ -1,7 +1,11 @@
 """`unlearnkit bench eval`: our TOFU evaluation (one pooled length-sorted forward per sequence, head at labelled
 positions, pooled generation) vs a straightforward per-metric implementation (eval/reference.py: one full-logits
 forward per metric, batches in data order, generation per set), same model, split and settings, one run.
-speedup = reference time ÷ ours. Both produce the same per-sample numbers; the max difference is reported."""
+speedup = reference time ÷ ours. Both produce the same per-sample numbers; the max difference is reported.
+
+Two of our fast paths are also timed against themselves switched off, on the same sequences and prompts:
+shared_prompt_speedup = teacher-forced statistics with one row per example ÷ with shared-prompt rows;
+continuous_speedup = greedy decoding on fixed batches (finished rows dropped) ÷ continuous batching."""
 from __future__ import annotations
 
 import time
@@ -29,7 +33,10 @@ def run(args) -> int:
     from ..data import tofu
     from ..eval import evaluate_tofu
     from ..eval.reference import evaluate_tofu_reference
-    from ..eval.tofu import limit_task
+    from ..data.format import encode_prompt, encode_qa
+    from ..eval.generate import greedy_generate
+    from ..eval.logprobs import sequence_stats
+    from ..eval.tofu import _sequences, limit_task
     from ..models import load_model
 
     task = limit_task(tofu.task(args.split), args.n)
@@ -49,9 +56,25 @@ def run(args) -> int:
     diff = max(float(np.max(np.abs(np.subtract(ours["sets"][s]["avg_gt_loss"], ref[s]["avg_gt_loss"]))))
                for s in ref)
     same_text = all(ours["sets"][s].get("generated_text") == ref[s].get("generated_text") for s in ref)
-    n_seq = sum(len(r) * (1 + (s in ("forget", "retain")) + len(r[0].get("perturbed_answer", [])))
-                for s, r in task.eval_sets().items()) + len(task.holdout)
-    emit({"split": args.split, "rows_per_set": args.n, "sequences": n_seq, "generate": not args.no_generate,
-          "device": str(next(model.parameters()).device), "ours_seconds": t_ours, "reference_seconds": t_ref,
-          "max_abs_diff_gt_loss": diff, "same_generations": same_text, "speedup": t_ref / t_ours}, args.json)
+    sets = dict(task.eval_sets(), holdout=task.holdout)
+    examples = [encode_qa(tokenizer, q, a) for _, _, _, q, a in _sequences(sets)]
+    tf = {share: timed(lambda: sequence_stats(model, examples, batch_size=args.batch_size,
+                                              pad_id=tokenizer.pad_token_id, share_prompts=share))
+          for share in (True, False)}
+    shared_diff = max(float(np.max(np.abs(a.logp - b.logp))) for a, b in zip(tf[True][0], tf[False][0]))
+    figures = {"split": args.split, "rows_per_set": args.n, "sequences": len(examples),
+               "generate": not args.no_generate, "device": str(next(model.parameters()).device),
+               "ours_seconds": t_ours, "reference_seconds": t_ref, "max_abs_diff_gt_loss": diff,
+               "same_generations": same_text, "speedup": t_ref / t_ours,
+               "shared_prompt_seconds": tf[True][1], "one_row_per_example_seconds": tf[False][1],
+               "shared_prompt_max_abs_diff_logp": shared_diff, "shared_prompt_speedup": tf[False][1] / tf[True][1]}
+    if not args.no_generate:
+        prompts = [encode_prompt(tokenizer, r["question"]) for rows in task.eval_sets().values() for r in rows]
+        gen = {engine: timed(lambda: greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                                     batch_size=args.batch_size, engine=engine))
+               for engine in ("continuous", "pruned")}
+        figures.update({"continuous_seconds": gen["continuous"][1], "fixed_batch_seconds": gen["pruned"][1],
+                        "continuous_same_text": gen["continuous"][0] == gen["pruned"][0],
+                        "continuous_speedup": gen["pruned"][1] / gen["continuous"][1]})
+    emit(figures, args.json)
     return 0

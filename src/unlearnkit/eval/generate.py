@@ -19,15 +19,16 @@ def cut_at_stops(text: str, stops) -> str:
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int = 200,
                     batch_size: int = 16, stop_strings=(), prompts: list[str] | None = None, guard=None,
-                    progress=None, engine: str = "pruned") -> list[str]:
+                    progress=None, engine: str = "continuous") -> list[str]:
     """Greedy continuation of each tokenised prompt, decoded without special tokens, in input order.
 
     Rows stop at the tokenizer's EOS; with stop_strings a row also ends once one appears and the text is cut before
     it. Prompts are taken in length order so left padding stays small.
-    engine="pruned" (default): our decoding loop (continuous batching). Finished rows leave the batch and the KV
-    cache at once, and once half the batch is free, waiting prompts are prefilled and join it — so a few long
-    answers neither make their batch decode to max_new_tokens nor leave the batch running at one or two rows.
-    engine="hf": `model.generate` on fixed batches (reference). Both give the same text (tests check).
+    engine="continuous" (default): our decoding loop. Finished rows leave the batch and the KV cache at once, and
+    once half the batch is free, waiting prompts are prefilled and join it — so a few long answers neither make
+    their batch decode to max_new_tokens nor leave it running at one or two rows. engine="pruned": the same loop on
+    fixed batches (rows leave, none join). engine="hf": `model.generate` on fixed batches (reference). All give the
+    same text (tests check).
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -50,9 +51,11 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
                 new_tokens.update(zip(idx, _decode_hf(model, tokenizer, ids, attn, max_new_tokens, pad, stop_strings)))
             if progress is not None:
                 progress.update(len(idx))
+    elif engine in ("continuous", "pruned"):
+        new_tokens = _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size, stop_strings,
+                             progress, join=engine == "continuous")
     else:
-        new_tokens = _decode_continuous(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size,
-                                        stop_strings, progress)
+        raise ValueError(f"greedy_generate: unknown engine {engine!r} (continuous, pruned, hf)")
     out = []
     for i in range(len(prompt_ids)):
         new = new_tokens[i]
@@ -109,8 +112,8 @@ def _trim_left(cache, attn):
     return attn
 
 
-def _decode_continuous(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size, stop_strings,
-                       progress) -> dict[int, list[int]]:
+def _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size, stop_strings, progress,
+            join: bool) -> dict[int, list[int]]:
     queue = deque(order)
     new_tokens: dict[int, list[int]] = {i: [] for i in order}
     if max_new_tokens <= 0:
@@ -141,7 +144,7 @@ def _decode_continuous(model, tokenizer, order, left_padded, armed, max_new_toke
                 pending = torch.cat([pending, token])
             else:
                 cache, attn, positions, pending = out.past_key_values, new_attn, new_positions[:, -1:], token
-                can_join = _mergeable(cache)
+                can_join = join and _mergeable(cache)
             rows += idx
             fresh = range(len(rows) - len(idx), len(rows))
         else:
