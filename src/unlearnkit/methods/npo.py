@@ -15,7 +15,9 @@ from ..data.batching import batches
 from ..train.nll import sequence_nll
 from .common import frozen_copy, retain_term
 
-DEFAULTS = dict(lr=1e-5, epochs=5.0, batch_size=4, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
+# The paper's TOFU lr (1e-5, Llama-2-7b) leaves SmolLM2-135M's forget quality at the target's (0.0013) after these 50
+# steps; lr 1e-4 reaches 0.92 at model utility 0.32 (mini TOFU, docs/results.md). Start from 1e-5 on 7B models.
+DEFAULTS = dict(lr=1e-4, epochs=5.0, batch_size=4, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
                 max_grad_norm=1.0, beta=0.1, gamma=1.0, alpha=1.0, retain_loss="nll")
 NEEDS_RETAIN = True  # when alpha > 0
 CHOICES = {"retain_loss": ("nll", "kl")}
