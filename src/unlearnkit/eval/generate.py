@@ -154,8 +154,9 @@ def _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_s
                         use_cache=True)
             cache, pending = out.past_key_values, out.logits[:, -1].argmax(-1)
             fresh = range(len(rows))
+        tokens = pending.tolist()  # one device → host copy per step
         for k in fresh:
-            new_tokens[rows[k]].append(int(pending[k]))
+            new_tokens[rows[k]].append(tokens[k])
         keep = [k for k in range(len(rows)) if not finished(rows[k])]
         if progress is not None:
             progress.update(len(rows) - len(keep))
