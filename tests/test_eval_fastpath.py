@@ -238,3 +238,19 @@ def test_bench_eval_runs_and_compares_paths(tiny_model_dir, tmp_path):
     assert fig["max_abs_diff_gt_loss"] < 1e-4 and fig["shared_prompt_max_abs_diff_logp"] < 1e-4
     for k in ("speedup", "shared_prompt_speedup", "continuous_speedup"):
         assert fig[k] > 0
+
+
+def test_shared_prompt_rows_are_capped_for_corpora(tiny_model, tokenizer):
+    """Corpus chunks share only their first token: rows stay within the token cap, statistics stay exact."""
+    from unlearnkit.eval.logprobs import pack_shared_prompts
+
+    g = torch.Generator().manual_seed(0)
+    docs = [[7] + torch.randint(10, 300, (int(n),), generator=g).tolist() for n in torch.randint(20, 40, (10,), generator=g)]
+    exs = [{"input_ids": d, "labels": [-100] + d[1:]} for d in docs]
+    rows = pack_shared_prompts(exs, max_row_tokens=70)
+    assert len(rows) > 1 and all(len(r.input_ids) <= 70 for r in rows)
+    assert sorted(i for r in rows for i in r.members) == list(range(10))
+    shared = sequence_stats(tiny_model, exs, batch_size=2, pad_id=tokenizer.pad_token_id)
+    separate = sequence_stats(tiny_model, exs, batch_size=2, pad_id=tokenizer.pad_token_id, share_prompts=False)
+    for a, b in zip(shared, separate):
+        np.testing.assert_allclose(a.logp, b.logp, atol=2e-5)

@@ -131,8 +131,10 @@ class SharedPromptRow:
     members: list[int]
 
 
-def pack_shared_prompts(examples: list[dict]) -> list[SharedPromptRow]:
-    """Group examples by prompt (the tokens before the first label) into rows, in first-seen order."""
+def pack_shared_prompts(examples: list[dict], max_row_tokens: int | None = None) -> list[SharedPromptRow]:
+    """Group examples by prompt (the tokens before the first label) into rows, in first-seen order. A row holds
+    at most max_row_tokens tokens (at least one example): corpora whose documents share only a first token must not
+    become one huge row with a quadratic mask."""
     groups: dict[tuple, list[int]] = {}
     for i, ex in enumerate(examples):
         p = next((t for t, y in enumerate(ex["labels"]) if y != IGNORE), len(ex["labels"]))
@@ -142,9 +144,14 @@ def pack_shared_prompts(examples: list[dict]) -> list[SharedPromptRow]:
     rows = []
     for prompt, members in groups.items():
         p = len(prompt)
-        row = SharedPromptRow(list(prompt), list(range(p)), [0] * p, [], [], [], members)
-        for k, i in enumerate(members, start=1):
+        row = None
+        for i in members:
             ids, labels = examples[i]["input_ids"], examples[i]["labels"]
+            if row is None or (max_row_tokens and len(row.input_ids) + len(ids) - p > max_row_tokens):
+                row = SharedPromptRow(list(prompt), list(range(p)), [0] * p, [], [], [], [])
+                rows.append(row)
+            row.members.append(i)
+            k = len(row.members)
             start = len(row.input_ids)  # row position of the example's token p
             row.input_ids += ids[p:]
             row.position_ids += range(p, len(ids))
@@ -154,7 +161,6 @@ def pack_shared_prompts(examples: list[dict]) -> list[SharedPromptRow]:
                     row.predictors.append(p - 1 if t == p else start + t - p - 1)
                     row.targets.append(labels[t])
                     row.owner.append(i)
-        rows.append(row)
     return rows
 
 
@@ -177,9 +183,9 @@ def shared_prompt_batch(rows: list[SharedPromptRow], pad_id: int, dtype: torch.d
 
 
 def _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts, guard, progress):
-    rows = sorted(pack_shared_prompts(examples), key=lambda r: len(r.input_ids))
-    # About as many tokens per forward as batch_size unshared examples of average length.
+    # About as many tokens per forward as batch_size unshared examples of average length; no row longer than that.
     budget = batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples)
+    rows = sorted(pack_shared_prompts(examples, max_row_tokens=int(budget)), key=lambda r: len(r.input_ids))
     batches, current = [], []
     for r in rows:
         if current and (len(current) + 1) * len(r.input_ids) > budget:
