@@ -13,6 +13,19 @@ def add_model_args(p: argparse.ArgumentParser, model_default: str | None = None)
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model folder")
 
 
+def check_model_args(args, *model_options: str) -> None:
+    """Validate --device, --dtype and the model folders named by `model_options` (default: "model") before any work
+    starts: cheap checks only (no weights are read)."""
+    from .models import check_device, default_device, resolve_dtype, resolve_model_path
+
+    check_device(getattr(args, "device", None))
+    resolve_dtype(getattr(args, "dtype", None), getattr(args, "device", None) or default_device())
+    for option in model_options or ("model",):
+        value = getattr(args, option, None)
+        if value not in (None, "", "default", "smollm2-135m"):
+            resolve_model_path(value)
+
+
 def add_format_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-format", default="chat", choices=["chat", "plain"],
                    help="chat: the model's chat template; plain: 'Question: ... Answer:' for base models")

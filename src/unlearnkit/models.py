@@ -31,6 +31,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None) -> None:
+    """--device: a torch device this machine has (one-line error otherwise); None = automatic."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"--device: unknown device {device!r}; use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """fp32 on CPU; bf16 on GPU (training keeps fp32 master weights and uses autocast instead)."""
     if isinstance(dtype, torch.dtype):
