@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearnkit.data import tofu
-from unlearnkit.unlearn import build
+from unlearnkit.unlearning import build
 
 FORGET = tofu.load("forget01")[:6]
 RETAIN = tofu.load("full")[:6]

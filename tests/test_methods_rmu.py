@@ -4,6 +4,7 @@ forward with all hidden states + a full frozen copy): loss and gradients to 1e-5
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 from unlearnkit.data import tofu
 from unlearnkit.errors import UserError
 from unlearnkit.methods import rmu
-from unlearnkit.unlearn import build
+from unlearnkit.train.activations import FastActivations
+from unlearnkit.unlearning import build
 
 FORGET = [dict(r, topic="a" if i % 2 else "b") for i, r in enumerate(tofu.load("forget01")[:8])]
 RETAIN = tofu.load("full")[:8]
@@ -52,9 +54,10 @@ def test_fast_path_equals_naive_and_definition(make_tiny_model, tokenizer, case)
     method = "adaptive_rmu" if config.get("adaptive") else "rmu"
     run = build(make_tiny_model(), tokenizer, method, FORGET, RETAIN, config)
     model, cfg = run.model, run.cfg
-    naive_loss = rmu.setup(model, run.data, cfg, naive=True)
+    naive_data = dataclasses.replace(run.data, report={})
+    naive_loss = rmu.setup(model, naive_data, cfg, naive=True)
     frozen = copy.deepcopy(model).eval()
-    assert naive_loss.coeffs == pytest.approx(run.step_loss.coeffs, rel=1e-5)
+    assert naive_data.report["steering_coeffs"] == pytest.approx(run.data.report["steering_coeffs"], rel=1e-5)
     perturb_trained(run.params)  # so the retain term and its gradient are not zero
     masked = cfg["padding"] == "masked"
     for batch in run.schedule(0)[:2]:
@@ -71,7 +74,7 @@ def test_fast_path_equals_naive_and_definition(make_tiny_model, tokenizer, case)
             else:
                 c = cfg["beta"] * (norms * w).sum() / w.sum()
         else:
-            c = run.step_loss.coeffs[k]
+            c = run.data.report["steering_coeffs"][k]
         expected = (mean_sq(hidden(model, f, LAYER) - c * u, f["attention_mask"], masked)
                     + cfg["alpha"][k] * mean_sq(hidden(model, r, LAYER) - h_r0, r["attention_mask"], masked))
 
@@ -98,7 +101,7 @@ def test_first_batch_norm_is_the_topics_first_forget_batch(make_tiny_model, toke
         with torch.no_grad():
             h = hidden(run.model, fb, LAYER)
         norm = (h.norm(dim=-1) * fb["attention_mask"]).sum() / fb["attention_mask"].sum()
-        assert run.step_loss.coeffs[k] == pytest.approx(5.0 * float(norm), rel=1e-5)
+        assert run.data.report["steering_coeffs"][k] == pytest.approx(5.0 * float(norm), rel=1e-5)
 
 
 def test_only_trained_parameters_require_grad_and_frozen_copy_is_small(make_tiny_model, tokenizer):
@@ -106,13 +109,13 @@ def test_only_trained_parameters_require_grad_and_frozen_copy_is_small(make_tiny
     names = [n for n, p in run.model.named_parameters() if p.requires_grad]
     assert names == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1, 2)]
     frozen = run.step_loss.__closure__  # the fast path holds copies of layers 0..2 only
-    acts = next(c.cell_contents for c in frozen if isinstance(c.cell_contents, rmu.FastActivations))
+    acts = next(c.cell_contents for c in frozen if isinstance(c.cell_contents, FastActivations))
     assert len(acts.frozen) == 3
 
 
 @pytest.mark.parametrize("config, message", [
     (dict(layer=3), "layer: 3 is out of range"),
-    (dict(layer=-1), "out of range"),
+    (dict(layer=-1), "layer: must be a decoder-layer number >= 0"),
     (dict(layer=1, params=r"layers\.2\.mlp"), "at or below layer 1"),
     (dict(layer=2, params="no_such_param"), "matches no parameter"),
     (dict(layer=2, steering_coeff=[1.0, 2.0, 3.0]), "3 values for 2 forget topics"),

@@ -13,7 +13,7 @@ import torch
 from unlearnkit.data import tofu
 from unlearnkit.errors import UserError
 from unlearnkit.train.loop import NonFiniteLoss
-from unlearnkit.unlearn import unlearn
+from unlearnkit.unlearning import unlearn
 
 FORGET = tofu.load("forget01")[:6]
 RETAIN = tofu.load("full")[:6]
@@ -59,13 +59,12 @@ def test_kill_and_resume_equals_uninterrupted(make_tiny_model, tokenizer, tmp_pa
     assert [s["loss"] for s in resumed["steps"]] == pytest.approx([s["loss"] for s in full["steps"]])
 
 
-def test_nan_loss_stops_with_message_and_keeps_checkpoint(make_tiny_model, tokenizer, tmp_path, monkeypatch):
-    from unlearnkit.methods import ga
-
-    real_setup = ga.setup
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(make_tiny_model, tokenizer, tmp_path):
+    from unlearnkit.methods import ga, register, unregister
+    from unlearnkit.methods.contract import Method
 
     def setup_with_nan(model, data, cfg):
-        step_loss, calls = real_setup(model, data, cfg), {"n": 0}
+        step_loss, calls = ga.setup(model, data, cfg), {"n": 0}
 
         def nan_at_third(m, batch):
             calls["n"] += 1
@@ -73,10 +72,13 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(make_tiny_model, token
             return (loss * float("nan") if calls["n"] == 3 else loss), parts
         return nan_at_third
 
-    monkeypatch.setattr(ga, "setup", setup_with_nan)
-    with pytest.raises(NonFiniteLoss, match="loss is nan at step 3.*weights after step 2 are kept"):
-        unlearn(make_tiny_model(layers=2), tokenizer, "ga", FORGET, None, {"max_steps": 5, "batch_size": 2},
-                out_dir=tmp_path, progress=False)
+    register(Method("ga_nan", ga.DEFAULTS, setup_with_nan))
+    try:
+        with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 3.*last finite checkpoint \(step 2\) is kept"):
+            unlearn(make_tiny_model(layers=2), tokenizer, "ga_nan", FORGET, None,
+                    {"max_steps": 5, "batch_size": 2, "checkpoint_every": 1}, out_dir=tmp_path, progress=False)
+    finally:
+        unregister("ga_nan")
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     assert not (tmp_path / "model.safetensors").exists()  # no half-finished model
 
@@ -128,7 +130,7 @@ def test_cli_runs_and_bad_input_is_one_line(tiny_model_dir, tmp_path):
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert (run["config"]["beta"], run["config"]["gamma"], run["config"]["lr"], run["total_steps"]) == (0.2, 2, 1e-3, 2)
     bad = subprocess.run(cmd + ["--method", "rmu", "--forget", str(forget), "--retain", str(retain),
-                                "--layer", "9"], capture_output=True, text=True, env=env)
+                                "--set", "layer=9"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "layer: 9 is out of range" in bad.stderr
 
 
@@ -172,7 +174,7 @@ def test_example_configs_resolve():
     import yaml
     from pathlib import Path
 
-    from unlearnkit.unlearn import resolve_config
+    from unlearnkit.unlearning import resolve_config
 
     files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     methods = {"ga": "ga", "graddiff": "graddiff", "npo": "npo", "simnpo": "simnpo", "rmu": "rmu",

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 from . import data  # noqa: E402
 from .models import load_model, load_tokenizer, save_model  # noqa: E402  (light: torch only)
 
-_LAZY = {"prepare_tofu": ("prepare", "prepare_tofu"), "unlearn": ("unlearn", "unlearn"),
+_LAZY = {"prepare_tofu": ("prepare", "prepare_tofu"), "unlearn": ("unlearning", "unlearn"),
          "evaluate_tofu": ("eval", "evaluate_tofu"), "finetune": ("train.finetune", "finetune"),
          "TrainConfig": ("train.loop", "TrainConfig"), "PromptFormat": ("data.format", "PromptFormat")}
 

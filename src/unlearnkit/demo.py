@@ -60,7 +60,7 @@ def run(args) -> int:
     from .eval import evaluate_tofu, summary_table, write_eval
     from .models import load_model
     from .prepare import prepare_tofu
-    from .unlearn import unlearn
+    from .unlearning import unlearn
 
     t0 = time.perf_counter()
     out = Path(args.out)

@@ -165,23 +165,26 @@ def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype | No
     return model, load_tokenizer(path)
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-    """Save in HF format (safetensors + tokenizer) so transformers / vLLM load it. Writes via a temp dir."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None,
+               kind: str = "model") -> Path:
+    """Save in HF format (safetensors + tokenizer) so transformers / vLLM load it. Written to a temporary folder
+    beside `out_dir`, then moved into place; an existing `out_dir` is replaced only if it is an earlier output of
+    the same `kind` of command (files.py), never a folder we did not write. Non-finite weights are refused."""
+    from .files import publish_dir, temp_dir_beside
+    from .train.loop import all_finite
+
+    if not all_finite(p for p in model.state_dict().values()):
+        raise UserError(f"{out_dir}: the model has non-finite weights; not saved")
+    tmp = temp_dir_beside(out_dir)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        return publish_dir(tmp, out_dir, kind)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def tiny_llama(vocab_size: int = 320, hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0):

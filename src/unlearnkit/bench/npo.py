@@ -24,7 +24,7 @@ def run(args) -> int:
 
     from ..data import tofu
     from ..models import load_model
-    from ..unlearn import build
+    from ..unlearning import build
     from ._steps import time_steps
 
     forget, retain = tofu.load("forget01"), tofu.load("full")[:40]

@@ -33,7 +33,7 @@ def _child(model, variant, layer, batch_size, seq_len, steps, device):
     import torch
 
     from ..models import load_model
-    from ..unlearn import build
+    from ..unlearning import build
     from ._steps import peak_since_reset, rss_kib, start_measuring, time_steps
 
     torch.manual_seed(0)

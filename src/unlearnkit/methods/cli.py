@@ -1,4 +1,4 @@
-"""`unlearnkit unlearn --method NAME`: the command-line face of `unlearnkit.unlearn.unlearn`.
+"""`unlearnkit unlearn --method NAME`: the command-line face of `unlearnkit.unlearn` (unlearning.py).
 
 Config precedence: method DEFAULTS < --config YAML < --set key=value < the explicit flags (--lr, --lora-r, ...).
 """
@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli_common import TRAIN_FIELDS, add_format_args, add_model_args, add_train_args, prompt_format
+from ..cli_common import TRAIN_FIELDS, add_format_args, add_model_args, add_train_args, check_model_args, prompt_format
 from ..errors import UserError
 from . import METHODS
 
@@ -17,9 +17,10 @@ def add_commands(sub) -> None:
     p = sub.add_parser("unlearn", help="weight-space unlearning: ga, graddiff, npo, simnpo, rmu, adaptive_rmu")
     p.add_argument("--method", required=True, choices=list(METHODS))
     add_model_args(p)
-    data = p.add_argument_group("data (a --tofu-split, or --forget/--forget-corpus files; each file is one topic)")
-    data.add_argument("--tofu-split", default=None, help="mini | forget01 | forget05 | forget10: unlearn the TOFU "
-                      "forget set from the prepared target model (fine-tuned from --model on first use, cached)")
+    data = p.add_argument_group("data (a --split, or --forget/--forget-corpus files; each file is one topic)")
+    data.add_argument("--split", "--tofu-split", dest="split", default=None,
+                      choices=["mini", "forget01", "forget05", "forget10"], help="unlearn the TOFU forget set from "
+                      "the prepared target model (fine-tuned from --model on first use, cached)")
     data.add_argument("--forget", action="append", default=[], metavar="FILE", help="forget QA (.json/.jsonl/.csv)")
     data.add_argument("--retain", default=None, metavar="FILE", help="retain QA")
     data.add_argument("--forget-corpus", action="append", default=[], metavar="FILE",
@@ -32,12 +33,14 @@ def add_commands(sub) -> None:
     add_train_args(p, defaults="method")
     p.add_argument("--config", default=None, metavar="YAML", help="method config (keys as in docs/methods.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (value parsed as YAML), e.g. --set beta=4.5")
-    p.add_argument("--layer", type=int, default=None, help="RMU: decoder layer l")
+                   help="override one config key (value parsed as YAML), e.g. --set beta=4.5 or, for RMU, "
+                   "--set layer=11; the keys are in docs/methods.md")
     p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (merged on save)")
     p.add_argument("--no-merge", action="store_true", help="with --lora-r: save the adapters, not a merged model")
     p.add_argument("--out", default=None, help="output folder (default: runs/unlearn-METHOD)")
-    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out by a killed run")
+    p.add_argument("--restart", "--no-resume", dest="restart", action="store_true",
+                   help="discard a checkpoint left in --out by an interrupted run and start over (without it, a "
+                   "checkpoint of the same run is resumed and one of a different run is an error)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -61,12 +64,13 @@ def load_config(args) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        config[key.strip()] = yaml.safe_load(value)
+        try:
+            config[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from e
     for name in TRAIN_FIELDS:
         if getattr(args, name, None) is not None:
             config[name] = getattr(args, name)
-    if args.layer is not None:
-        config["layer"] = args.layer
     if args.lora_r is not None:
         config["lora_r"] = args.lora_r
     if args.no_merge:
@@ -80,18 +84,18 @@ def load_data(args, fmt):
     """(model path, forget rows, retain rows)."""
     from ..data.qa import load_corpus, load_qa
 
-    if args.tofu_split and (args.forget or args.forget_corpus):
-        raise UserError("--tofu-split and --forget/--forget-corpus: give one source of forget data")
-    if args.tofu_split:
+    if args.split and (args.forget or args.forget_corpus):
+        raise UserError("--split and --forget/--forget-corpus: give one source of forget data")
+    if args.split:
         from ..data import tofu
         from ..prepare import prepare_tofu
 
-        task = tofu.task(args.tofu_split)
-        paths = prepare_tofu(args.tofu_split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
+        task = tofu.task(args.split)
+        paths = prepare_tofu(args.split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
                              device=args.device, progress=not args.quiet)
         return str(paths["target"]), task.forget, task.retain_train_for_unlearning
     if not (args.forget or args.forget_corpus):
-        raise UserError("no forget data: give --tofu-split, --forget FILE or --forget-corpus FILE")
+        raise UserError("no forget data: give --split, --forget FILE or --forget-corpus FILE")
     forget = []
     for f in args.forget:
         forget += [dict(r, topic=f) for r in load_qa(f, args.question_field, args.answer_field)]
@@ -110,23 +114,29 @@ def load_data(args, fmt):
 def run(args) -> int:
     import torch
 
+    from ..files import check_out_dir
     from ..models import load_model
     from ..train.loop import NonFiniteLoss
-    from ..unlearn import resolve_config, unlearn
+    from ..unlearning import resolve_config, unlearn
 
+    check_model_args(args)
     fmt = prompt_format(args)
     config = load_config(args)
-    resolve_config(args.method, config)  # bad keys fail before the (possibly long) TOFU preparation
+    resolve_config(args.method, config)  # bad keys and values fail before the (possibly long) TOFU preparation
+    out = args.out or f"runs/unlearn-{args.method}"
+    inputs = [args.model, args.config, args.retain, args.retain_corpus, *args.forget, *args.forget_corpus]
+    check_out_dir(out, "unlearn", inputs=[i for i in inputs if i and os.path.exists(i)])
     model_path, forget, retain = load_data(args, fmt)
+    if model_path != args.model:  # the prepared TOFU target: never write inside it either
+        check_out_dir(out, "unlearn", inputs=[model_path])
     device = args.device
     if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun / accelerate launch: one GPU per process
     model, tokenizer = load_model(model_path, dtype=args.dtype or "fp32", device=device,
                                   trust_remote_code=args.trust_remote_code)
-    out = args.out or f"runs/unlearn-{args.method}"
     try:
         info = unlearn(model, tokenizer, args.method, forget, retain, config, out_dir=out, fmt=fmt,
-                       progress=not args.quiet, resume=not args.no_resume)
+                       progress=not args.quiet, resume=not args.restart)
     except NonFiniteLoss as e:
         print(f"unlearnkit: error: {e}", file=sys.stderr)
         return 1

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ..train.nll import mean_token_nll
+from .contract import Method
 
 # Small models fall apart quickly under pure ascent: low lr and few epochs.
 DEFAULTS = dict(lr=1e-5, epochs=5.0, batch_size=4, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
                 max_grad_norm=1.0)
-NEEDS_RETAIN = False
 
 
 def setup(model, data, cfg):
@@ -15,3 +15,6 @@ def setup(model, data, cfg):
         return -ce_forget, {"forget_ce": ce_forget.item()}
 
     return step_loss
+
+
+METHOD = Method("ga", DEFAULTS, setup)

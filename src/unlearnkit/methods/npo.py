@@ -11,16 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data.batching import batches
 from ..train.nll import sequence_nll
 from .common import frozen_copy, retain_term
+from .contract import Method, non_negative, positive, when_alpha
 
-# The paper's TOFU lr (1e-5, Llama-2-7b) leaves SmolLM2-135M's forget quality at the target's (0.0013) after these 50
-# steps; lr 1e-4 reaches 0.92 at model utility 0.32 (mini TOFU, docs/results.md). Start from 1e-5 on 7B models.
+# lr 1e-4 for small models; the paper's 1e-5 (Llama-2-7b) is the place to start on 7B models (docs/methods.md).
 DEFAULTS = dict(lr=1e-4, epochs=5.0, batch_size=4, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
                 max_grad_norm=1.0, beta=0.1, gamma=1.0, alpha=1.0, retain_loss="nll")
-NEEDS_RETAIN = True  # when alpha > 0
-CHOICES = {"retain_loss": ("nll", "kl")}
 
 
 def npo_forget_loss(nll_theta: torch.Tensor, nll_ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -28,17 +25,24 @@ def npo_forget_loss(nll_theta: torch.Tensor, nll_ref: torch.Tensor, beta: float)
 
 
 @torch.no_grad()
-def reference_nll(model, examples: list[dict], pad_id: int, batch_size: int = 16) -> torch.Tensor:
-    """NLL_sum of every forget example under `model` as it is now: [N], indexed like `examples`."""
+def reference_nll(model, forget_batches, n: int, autocast) -> torch.Tensor:
+    """NLL_sum of every forget example under `model` as it is now: [n], indexed like the forget set.
+
+    Computed on the step's own batches under the step's autocast (`autocast()`, the loop's), so that at step 0
+    NLL_θ − NLL_ref is exactly 0 whatever the precision: a reference computed in fp32 while the step runs in bf16
+    would start NPO off its fixed point."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = torch.zeros(len(examples), dtype=torch.float32)
-    for batch in batches(examples, batch_size, pad_id, shuffle=False):
+    out = torch.full((n,), float("nan"), dtype=torch.float32)
+    for batch in forget_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        nll, _ = sequence_nll(model, batch)
+        with autocast():
+            nll, _ = sequence_nll(model, batch)
         out[batch["index"].cpu()] = nll.float().cpu()
     model.train(was_training)
+    if torch.isnan(out).any():
+        raise RuntimeError("NPO reference: some forget examples are in no batch of the first epoch")
     return out
 
 
@@ -47,7 +51,9 @@ def setup(model, data, cfg, naive: bool = False):
     if naive:
         ref_model = frozen_copy(model)
     else:
-        ref_nll = reference_nll(model, data.forget, data.pad_id).to(next(model.parameters()).device)
+        forget_batches = [step["forget"] for step in data.batches_for_epoch(0)]
+        ref_nll = reference_nll(model, forget_batches, len(data.forget), data.autocast)
+        ref_nll = ref_nll.to(next(model.parameters()).device)
     retain = retain_term(model, cfg) if cfg["alpha"] else None
     beta, gamma, alpha = cfg["beta"], cfg["gamma"], cfg["alpha"]
 
@@ -69,3 +75,7 @@ def setup(model, data, cfg, naive: bool = False):
         return loss, parts
 
     return step_loss
+
+
+METHOD = Method("npo", DEFAULTS, setup, uses_retain=when_alpha, choices={"retain_loss": ("nll", "kl")},
+                check=lambda cfg: (positive(cfg, "beta"), non_negative(cfg, "gamma", "alpha")))

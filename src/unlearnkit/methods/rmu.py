@@ -1,7 +1,7 @@
 """RMU — Representation Misdirection for Unlearning (Li et al., 2024, WMDP) — and Adaptive RMU (Dang et al., 2025).
 
-h_l(x) = output of decoder layer l (= HF hidden_states[l+1]); u_k ~ Uniform[0,1)^d, normalised, fixed per forget
-topic k (seeded). Per step (topics interleave step by step, each with its own u_k, c_k, α_k):
+h_l(x) = output of decoder layer l; u_k ~ Uniform[0,1)^d, normalised, fixed per forget topic k (seeded). Per step
+(topics interleave step by step, each with its own u_k, c_k, α_k):
 
     L = mean (h_l^θ(x_f) − c_k·u_k)²  +  α_k · mean (h_l^θ(x_r) − h_l^frozen(x_r))²
 
@@ -10,38 +10,27 @@ included with left padding (padding="reference"). Adaptive RMU replaces c_k by �
 per-token L2 norm of the frozen layer-l activations on the topic's first forget batch, detached and then held fixed
 (adaptive_norm="first_batch", the reference); "batch" recomputes it every step, "sample" per sequence.
 
-Fast path (default): the forward stops at layer l — no later layers, no LM head, no logits. Layers below the lowest
-trained layer run once, under no_grad, and feed both the updated and the frozen branch; the frozen branch is a copy
-of only the trained layers. Only trained parameters require grad. `naive=True` builds the plain version (full
-forward with all hidden states, a full frozen model copy) for tests and `unlearnkit bench rmu`.
+The activations come from train/activations.py: by default the forward stops at layer l (`FastActivations`);
+`naive=True` uses full forwards and a full frozen copy (tests, `unlearnkit bench rmu`).
+Defaults: c relative to the layer's activation norm and lr chosen for SmolLM2-135M (docs/methods.md says why;
+the sweeps are in docs/results_methods.md). The reference (Zephyr-7B) values are in configs/rmu_zephyr_reference.yaml.
 """
 from __future__ import annotations
-
-import copy
-import re
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .common import frozen_copy
+from ..train.activations import FastActivations, NaiveActivations, layer_index, n_layers
+from .contract import Method, non_negative, positive, when_alpha
 
-# Reference (Zephyr-7B): layer 7, c 6.5, α 1200, lr 5e-5, batch 4, 150 batches, AdamW eps 1e-6 / wd 0, no
-# schedule or clipping. For SmolLM2-135M (30 layers, d=576) layer 7 is also a quarter of the depth. Both loss terms
-# scale with the activation norm squared, so what transfers between models is c relative to the layer's norm:
-# SmolLM2's layer-7 tokens have mean norm ~144, so c = 600 (~4x, like the reference c against Zephyr's norms, and
-# close to Adaptive RMU's 5x) and the reference α. The reference lr 5e-5 leaves SmolLM2 unchanged in 150 steps
-# (mini TOFU forget p(a|q) 0.97 → 0.97; 5e-4 → 0.86, 1e-3 → 0.33, 2e-3 → 0.04 with retain p unchanged at 0.96),
-# so lr 2e-3. See docs/methods.md and docs/results_methods.md.
 DEFAULTS = dict(lr=2e-3, epochs=1.0, max_steps=150, batch_size=4, warmup_ratio=0.0, schedule="constant",
                 weight_decay=0.0, adam_eps=1e-6, max_grad_norm=None,
-                layer=7, steering_coeff=600.0, alpha=1200.0, params=None, padding="masked",
+                layer=7, steering_coeff=600.0, alpha=1200.0, padding="masked",
                 adaptive=False, beta=5.0, adaptive_norm="first_batch")
-# Adaptive RMU's target (5 × the layer norm, ~720 here) is larger than c = 600: at lr 2e-3 it overshoots (forget
-# p(a|q) 3e-4, PrivLeak −100, forget quality 0.007); lr 1e-3 gives forget quality 0.27 at PrivLeak +2.7.
 ADAPTIVE_DEFAULTS = dict(DEFAULTS, adaptive=True, lr=1e-3)
-NEEDS_RETAIN = True
-CHOICES = {"padding": ("masked", "reference"), "adaptive_norm": ("first_batch", "batch", "sample")}
+CHOICES = {"padding": ("masked", "reference"), "adaptive_norm": ("first_batch", "batch", "sample"),
+           "adaptive": (True, False)}
 
 
 def default_param_regex(layer: int) -> str:
@@ -73,92 +62,6 @@ def mean_token_norm(h: torch.Tensor, mask: torch.Tensor, masked: bool, per_sampl
     return (norms * weights).sum() / weights.sum()
 
 
-# --- activations at layer l: the fast path and the naive one -------------------------------------------------------
-
-def _decoder(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return base.get_decoder()
-
-
-def _layer_index(name: str) -> int | None:
-    m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-class _StopAtFirstLayer(Exception):
-    pass
-
-
-def _layer_inputs(decoder, batch):
-    """Embeddings plus the arguments HF gives every decoder layer (causal mask, rotary embeddings, ...): run the
-    decoder until its first layer is called. Model-agnostic for HF decoders whose layers share their arguments."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["args"], seen["kwargs"] = args, dict(kwargs)
-        raise _StopAtFirstLayer
-
-    handle = decoder.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        decoder(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch},
-                use_cache=False)
-    except _StopAtFirstLayer:
-        pass
-    finally:
-        handle.remove()
-    args, kwargs = seen["args"], seen["kwargs"]
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    return hidden, args[1:], kwargs
-
-
-def _run_layers(layers, hidden, args, kwargs):
-    for layer in layers:
-        out = layer(hidden, *args, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
-
-
-class FastActivations:
-    """h_l from layer slices: shared no-grad prefix, trained layers, frozen copies of the trained layers."""
-
-    def __init__(self, model, layer: int, trained_layers: list[int]):
-        self.decoder = _decoder(model)
-        self.lo, self.hi = min(trained_layers), layer
-        layers = self.decoder.layers
-        self.prefix, self.trained = layers[:self.lo], layers[self.lo:self.hi + 1]
-        self.frozen = copy.deepcopy(self.trained).eval().requires_grad_(False)
-
-    def __call__(self, model, batch, with_frozen: bool):
-        with torch.no_grad():
-            hidden, args, kwargs = _layer_inputs(self.decoder, batch)
-            hidden = _run_layers(self.prefix, hidden, args, kwargs)
-        h = _run_layers(self.trained, hidden, args, kwargs)
-        if not with_frozen:
-            return h, None
-        with torch.no_grad():
-            return h, _run_layers(self.frozen, hidden, args, kwargs)
-
-
-class NaiveActivations:
-    """The plain way: full forwards (all layers, LM head) returning all hidden states; a full frozen copy."""
-
-    def __init__(self, model, layer: int):
-        self.layer, self.frozen = layer, frozen_copy(model)
-
-    def _h(self, m, batch):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        return m(**inputs, output_hidden_states=True, use_cache=False).hidden_states[self.layer + 1]
-
-    def __call__(self, model, batch, with_frozen: bool):
-        h = self._h(model, batch)
-        if not with_frozen:
-            return h, None
-        with torch.no_grad():
-            return h, self._h(self.frozen, batch)
-
-
-# --- the method -----------------------------------------------------------------------------------------------------
-
 def _per_topic(value, n_topics: int, name: str) -> list[float]:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n_topics
     if len(values) != n_topics:
@@ -166,20 +69,25 @@ def _per_topic(value, n_topics: int, name: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def validate(model, cfg) -> None:
-    """Checked before anything else is built."""
-    layer, n_layers = cfg["layer"], len(_decoder(model).layers)
-    if not isinstance(layer, int) or not 0 <= layer <= n_layers - 2:
-        raise UserError(f"config layer: {layer} is out of range for a {n_layers}-layer model (0..{n_layers - 2}; "
+def check(cfg) -> None:
+    if isinstance(cfg["layer"], bool) or not isinstance(cfg["layer"], int) or cfg["layer"] < 0:
+        raise UserError(f"config layer: must be a decoder-layer number >= 0 (got {cfg['layer']!r})")
+    positive(cfg, "steering_coeff", "beta")
+    non_negative(cfg, "alpha")
+
+
+def check_model(model, cfg) -> None:
+    layer, n = cfg["layer"], n_layers(model)
+    if not 0 <= layer <= n - 2:
+        raise UserError(f"config layer: {layer} is out of range for a {n}-layer model (0..{n - 2}; "
                         "the last layer's HF hidden state is taken after the final norm)")
 
 
 def setup(model, data, cfg, naive: bool = False):
-    validate(model, cfg)
     layer, masked = cfg["layer"], cfg["padding"] == "masked"
     trained_layers = []
     for name in data.param_names:
-        i = _layer_index(name)
+        i = layer_index(name)
         if i is None or i > layer:
             raise UserError(f"config params: RMU trains decoder-layer parameters at or below layer {layer}; "
                             f"{name} is not one")
@@ -188,7 +96,7 @@ def setup(model, data, cfg, naive: bool = False):
     n_topics = data.n_topics
     dim = model.get_input_embeddings().weight.shape[1]
     device = next(model.parameters()).device
-    us = [unit_vector(dim, cfg.get("seed", 0), k).to(device) for k in range(n_topics)]
+    us = [unit_vector(dim, cfg["seed"], k).to(device) for k in range(n_topics)]
     alphas = _per_topic(cfg["alpha"], n_topics, "alpha")
     coeffs = _per_topic(cfg["steering_coeff"], n_topics, "steering_coeff")
     adaptive, norm_mode, beta = cfg["adaptive"], cfg["adaptive_norm"], cfg["beta"]
@@ -199,8 +107,10 @@ def setup(model, data, cfg, naive: bool = False):
         coeffs = []
         for k in range(n_topics):
             fb = {key: v.to(device) for key, v in first[k].items()}
-            _, h0 = acts(model, fb, with_frozen=True)
+            with data.autocast():
+                _, h0 = acts(model, fb, with_frozen=True)
             coeffs.append(beta * mean_token_norm(h0, fb["attention_mask"], masked).item())
+    data.report["steering_coeffs"] = coeffs  # resolved c_k (adaptive: β·norm)
 
     def step_loss(m, batch):
         k, forget, retain = batch["topic"], batch["forget"], batch["retain"]
@@ -211,9 +121,25 @@ def setup(model, data, cfg, naive: bool = False):
         else:
             coeff = coeffs[k]
         loss_f = masked_mse(h_f, coeff * us[k].to(h_f.dtype), forget["attention_mask"], masked)
+        if not alphas[k]:  # α = 0: forget term only (no retain batch is drawn)
+            return loss_f, {"forget_mse": loss_f.item()}
         h_r, h_r0 = acts(m, retain, with_frozen=True)
         loss_r = masked_mse(h_r, h_r0, retain["attention_mask"], masked)
         return loss_f + alphas[k] * loss_r, {"forget_mse": loss_f.item(), "retain_mse": loss_r.item()}
 
-    step_loss.coeffs = coeffs  # resolved c_k (adaptive: β·norm), recorded in run.json
     return step_loss
+
+
+def _check_adaptive(cfg) -> None:
+    check(cfg)
+    if not cfg["adaptive"]:
+        raise UserError("config adaptive: adaptive_rmu needs adaptive=true (use --method rmu instead)")
+
+
+_COMMON = dict(setup=setup, uses_retain=when_alpha, choices=CHOICES, check_model=check_model,
+               default_params=lambda cfg: default_param_regex(cfg["layer"]),
+               padding_side=lambda cfg: "left" if cfg["padding"] == "reference" else "right",
+               position_ids=lambda cfg: cfg["padding"] != "reference",  # the reference code lets HF number them
+               reports=("steering_coeffs",), per_topic=("alpha", "steering_coeff"))
+METHOD = Method("rmu", DEFAULTS, check=check, **_COMMON)
+ADAPTIVE = Method("adaptive_rmu", ADAPTIVE_DEFAULTS, check=_check_adaptive, **_COMMON)

@@ -5,9 +5,8 @@ Authors' code form:     L_f = −(2/β)·mean_i log σ(β·(NLL_sum,θ(y_i|x_i)/
 Total: L = λ·L_f + α·R.  |y| counts answer tokens including the end-of-turn/EOS token. With γ_m = 0 the forms agree.
 
 Paper TOFU defaults (Llama-2-7b): forget05 β=2.5, λ=0.1375; forget10 β=4.5, λ=0.125; γ_m=0; α=1; lr 1e-5, 10
-epochs. Our defaults are for SmolLM2-135M on mini TOFU (the demo): 20 steps of batch 8 at lr 1e-4 took forget
-ROUGE-L from 0.95 to 0.30 while retain ROUGE-L stayed at 0.97; 5 steps at lr 3e-4 (epochs=1, lr=3e-4; 4x cheaper)
-forget as much but cost retain ROUGE-L 0.93 -> 0.50. Measurements: docs/results_methods.md.
+epochs (configs/simnpo_tofu_paper.yaml). Our defaults are for SmolLM2-135M on mini TOFU (docs/methods.md; the
+measurements behind them are in docs/results_methods.md).
 """
 from __future__ import annotations
 
@@ -16,11 +15,11 @@ import torch.nn.functional as F
 
 from ..train.nll import sequence_nll
 from .common import retain_term
+from .contract import Method, non_negative, positive, when_alpha
 
 DEFAULTS = dict(lr=1e-4, epochs=4.0, batch_size=8, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
                 max_grad_norm=1.0, beta=2.5, lam=1.0, gamma_m=0.0, gamma_form="paper", alpha=1.0,
                 retain_loss="nll")
-NEEDS_RETAIN = True  # when alpha > 0
 CHOICES = {"retain_loss": ("nll", "kl"), "gamma_form": ("paper", "authors")}
 
 
@@ -47,3 +46,7 @@ def setup(model, data, cfg):
         return loss, parts
 
     return step_loss
+
+
+METHOD = Method("simnpo", DEFAULTS, setup, uses_retain=when_alpha, choices=CHOICES,
+                check=lambda cfg: (positive(cfg, "beta"), non_negative(cfg, "lam", "alpha")))

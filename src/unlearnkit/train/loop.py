@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,13 +49,36 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("lr", "batch_size", "grad_accum"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be > 0 (got {getattr(self, name)})")
+        """Every option's range, checked before any work: a wrong value is a one-line error, never a silent
+        change of meaning (a negative clipping norm would turn ascent into descent)."""
+        def number(name, ok, what, optional=False, integer=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            bad_type = isinstance(v, bool) or not isinstance(v, int if integer else (int, float))
+            if bad_type or not math.isfinite(v) or not ok(v):
+                raise UserError(f"--{name.replace('_', '-')}: must be {what} (got {v!r})")
+
+        number("lr", lambda v: v > 0, "a number > 0")
+        number("epochs", lambda v: v > 0, "a number > 0")
+        number("max_steps", lambda v: v >= 1, "an integer >= 1", optional=True, integer=True)
+        number("batch_size", lambda v: v >= 1, "an integer >= 1", integer=True)
+        number("grad_accum", lambda v: v >= 1, "an integer >= 1", integer=True)
+        number("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("weight_decay", lambda v: v >= 0, "a number >= 0")
+        number("adam_eps", lambda v: v > 0, "a number > 0")
+        number("max_grad_norm", lambda v: v > 0, "a number > 0 (or unset: no clipping)", optional=True)
+        number("seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)", integer=True)
+        number("checkpoint_every", lambda v: v >= 0, "an integer >= 0 (0: only when interrupted)", integer=True)
+        betas = self.adam_betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise UserError(f"config adam_betas: must be two numbers in [0, 1) (got {betas!r})")
+        self.adam_betas = tuple(float(b) for b in betas)
         if self.schedule not in ("linear", "cosine", "constant"):
             raise UserError(f"--schedule: unknown value {self.schedule!r}; choose linear, cosine or constant")
-        if self.max_steps is None and not self.epochs > 0:
-            raise UserError(f"--epochs: must be > 0 (got {self.epochs})")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise UserError(f"config mixed_precision: unknown value {self.mixed_precision!r}; choose auto, bf16 or no")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -93,14 +117,17 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
                              eps=cfg.adam_eps)
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    """The autocast state every step runs in (bf16 on CUDA by default); methods use it for anything they
+    precompute so that it matches the step exactly."""
     use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 
-def _dist():
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -128,18 +155,31 @@ def _count_tokens(obj) -> int:
     return 0
 
 
+def default_fingerprint(cfg: TrainConfig, world: int) -> dict:
+    """What makes a run this run, for the resume check: every setting that changes the result."""
+    values = _jsonable(asdict(cfg))
+    values.pop("checkpoint_every")  # when checkpoints are written does not change the result
+    values.pop("extra")
+    return {**values, "world_size": world}
+
+
 def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | os.PathLike | None = None,
           params: list[torch.nn.Parameter] | None = None, resume: bool = True, progress: bool = True,
-          desc: str = "train", stop_after_steps: int | None = None, on_step: Callable | None = None) -> dict:
+          desc: str = "train", stop_after_steps: int | None = None, on_step: Callable | None = None,
+          fingerprint: dict | None = None, remove_checkpoint: bool = True) -> dict:
     """Run the loop; returns the log {"config", "steps": [...], "seconds", ...}.
 
     `params`: the parameters to train (default: all with requires_grad). `out_dir/checkpoint/` holds the resume
-    state; with resume=True an existing checkpoint is continued and the result equals an uninterrupted run.
+    state. With resume=True a checkpoint of the same run is continued and the result equals an uninterrupted run;
+    a checkpoint of another run (its fingerprint — the training settings plus the caller's `fingerprint`, e.g.
+    method, data and model hashes — differs) is an error naming the differing keys; resume=False discards it.
+    Checkpoints hold only finite weights and optimizer state; a step that makes them non-finite stops training.
+    `remove_checkpoint`: delete the checkpoint at the end (callers that save the result first pass False).
     `stop_after_steps` simulates a kill (tests).
     """
     seed_everything(cfg.seed)
     device = next(model.parameters()).device
-    rank, world = _dist()
+    rank, world = dist_info()
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("training: no trainable parameters")
@@ -151,10 +191,15 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir else None
+    run_identity = {**default_fingerprint(cfg, world), **_jsonable(fingerprint or {}),
+                    "trained_parameters": _param_names(model, params)}
     log = {"config": _jsonable(asdict(cfg)), "total_steps": total_steps, "world_size": world, "steps": []}
     step = 0
-    if resume and ckpt_dir and (ckpt_dir / "state.pt").is_file():
-        step, log = _load_checkpoint(ckpt_dir, model, params, optimizer, scheduler)
+    if ckpt_dir and (ckpt_dir / STATE_FILE).is_file():
+        if resume:
+            step, log = _load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, run_identity)
+        elif rank == 0:
+            shutil.rmtree(ckpt_dir)  # asked to start over: the old checkpoint is discarded deliberately
 
     from tqdm.auto import tqdm
 
@@ -168,6 +213,14 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
             epoch_cache[epoch] = batches_for_epoch(epoch)
         return epoch_cache[epoch][pos]
 
+    def stop(what: str):
+        bar.close()
+        kept = ""
+        if ckpt_dir and (ckpt_dir / STATE_FILE).is_file():
+            kept = f"; the last finite checkpoint (step {_checkpoint_step(ckpt_dir)}) is kept in {ckpt_dir}"
+        raise NonFiniteLoss(f"{desc}: {what} at step {step + 1}; stopped, nothing saved{kept}. Try a lower learning "
+                            "rate (and --restart to discard the checkpoint)")
+
     model.train()
     start = time.perf_counter()
     while step < total_steps:
@@ -178,45 +231,39 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
             m = step * micro_per_step + k * world + rank
             batch = _to_device(micro_batch(m), device)
             tokens += _count_tokens(batch)
-            with _autocast(cfg, device):
+            with autocast_context(cfg, device):
                 loss, parts = step_loss(model, batch)
             if not torch.isfinite(loss):
-                # Weights are untouched since the last optimizer step: save them as the last good checkpoint.
-                where = ""
-                if ckpt_dir:
-                    if rank == 0:
-                        _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log)
-                    where = f"; the weights after step {step} are kept in {ckpt_dir}"
-                raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at step {step + 1} (try a lower learning "
-                                    f"rate); stopped{where}")
+                stop(f"loss is {loss.item()}")
             (loss / cfg.grad_accum).backward()
             total_loss += loss.item() / cfg.grad_accum
             for name, value in parts.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) / cfg.grad_accum
         if world > 1:
             total_loss = _average_grads(params, world, device, total_loss)
-        grad_norm = None
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        # The total norm is computed either way: a non-finite gradient stops training before it reaches the weights.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        if not math.isfinite(grad_norm):
+            stop(f"gradient norm is {grad_norm}")
         optimizer.step()
         scheduler.step()
+        if not all_finite(params):
+            stop("the weights became non-finite")
         step += 1
         dt = time.perf_counter() - t0
         entry = {"step": step, "loss": total_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens * world,
-                 "seconds": dt, **metrics}
-        if grad_norm is not None:
-            entry["grad_norm"] = grad_norm
+                 "seconds": dt, **metrics, "grad_norm": grad_norm}
         log["steps"].append(entry)
         bar.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{tokens * world / dt:.0f}")
         bar.update(1)
         if on_step:
             on_step(step, entry)
         if ckpt_dir and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log)
+            _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity)
         if stop_after_steps is not None and step >= stop_after_steps and step < total_steps:
             bar.close()
             if ckpt_dir and rank == 0:
-                _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log)
+                _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity)
             log["interrupted_at"] = step
             return log
     bar.close()
@@ -225,11 +272,15 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     total_tokens = sum(s["tokens"] for s in log["steps"])
     total_time = sum(s["seconds"] for s in log["steps"])
     log["tokens_per_second"] = total_tokens / total_time if total_time else None
-    if ckpt_dir and ckpt_dir.exists() and rank == 0:
-        import shutil
-
+    if remove_checkpoint and ckpt_dir and ckpt_dir.exists() and rank == 0:
         shutil.rmtree(ckpt_dir)  # finished: the saved model is the result
     return log
+
+
+def all_finite(tensors) -> bool:
+    """True when every tensor holds only finite values (one device sync for the lot)."""
+    flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _average_grads(params, world: int, device, loss_value: float) -> float:
@@ -258,20 +309,69 @@ def _param_names(model, params):
     return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
-def _save_checkpoint(ckpt_dir: Path, step, model, params, optimizer, scheduler, log):
+STATE_FILE = "state.pt"
+FINGERPRINT_FILE = "fingerprint.json"  # the same fingerprint, readable without torch
+
+
+def _optimizer_tensors(optimizer):
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def _save_checkpoint(ckpt_dir: Path, step, model, params, optimizer, scheduler, log, fingerprint) -> bool:
+    """Write the resume state atomically; never a non-finite one (the previous checkpoint is kept instead)."""
+    if not (all_finite(params) and all_finite(_optimizer_tensors(optimizer))):
+        return False
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     names = dict(model.named_parameters())
     trainable = {n: names[n].detach().cpu().clone() for n in _param_names(model, params)}
     state = {"step": step, "params": trainable, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "log": log,
+             "scheduler": scheduler.state_dict(), "log": log, "fingerprint": fingerprint,
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
-    tmp = ckpt_dir / "state.pt.tmp"
+    tmp = ckpt_dir / f"{STATE_FILE}.tmp"
     torch.save(state, tmp)
-    os.replace(tmp, ckpt_dir / "state.pt")  # a kill mid-write leaves the previous checkpoint intact
+    os.replace(tmp, ckpt_dir / STATE_FILE)  # a kill mid-write leaves the previous checkpoint intact
+    from ..files import write_json_atomic
+
+    write_json_atomic(ckpt_dir / FINGERPRINT_FILE, {"step": step, "fingerprint": fingerprint})
+    return True
 
 
-def _load_checkpoint(ckpt_dir: Path, model, params, optimizer, scheduler):
-    state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+def _checkpoint_step(ckpt_dir: Path):
+    try:
+        return json.loads((ckpt_dir / FINGERPRINT_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def _describe(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+    """'key: old → new' for every key whose value differs (missing keys included)."""
+    missing = object()
+    return [f"{k}: {_describe(old.get(k)) if k in old else '(none)'} → {_describe(new.get(k)) if k in new else '(none)'}"
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+
+
+def _load_checkpoint(ckpt_dir: Path, model, params, optimizer, scheduler, fingerprint):
+    try:
+        state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        saved = state["fingerprint"] if isinstance(state, dict) and "fingerprint" in state else None
+    except Exception as e:  # noqa: BLE001 — a damaged checkpoint must refuse, whatever the unpickler raised
+        raise UserError(f"{ckpt_dir / STATE_FILE}: damaged checkpoint ({type(e).__name__}); pass --restart to "
+                        "discard it") from e
+    if saved is None:
+        raise UserError(f"{ckpt_dir / STATE_FILE}: checkpoint has no run fingerprint (written by an older version); "
+                        "pass --restart to discard it")
+    diffs = fingerprint_differences(saved, _jsonable(fingerprint))
+    if diffs:
+        raise UserError(f"{ckpt_dir}: checkpoint of a different run ({'; '.join(diffs[:4])}"
+                        f"{'; ...' if len(diffs) > 4 else ''}); re-run with the same arguments to resume it, or "
+                        "pass --restart to discard it")
+    if not all_finite(state["params"].values()):
+        raise UserError(f"{ckpt_dir / STATE_FILE}: checkpoint holds non-finite weights; pass --restart to discard it")
     names = dict(model.named_parameters())
     with torch.no_grad():
         for n, value in state["params"].items():

@@ -1,12 +1,15 @@
 """`unlearn(...)`: run one weight-space unlearning method on any HF causal LM through the shared training loop.
 
-The config is the method's DEFAULTS, updated by the caller's dict (YAML + CLI overrides); unknown keys are errors.
-Each step sees {"forget": batch, "retain": batch, "topic": k}: forget batches of the topics interleave step by step,
-and retain batches are paired with them by `pairing` ("cycle": the shuffled retain set flows on across epochs;
-"random": a seeded random retain batch each step). Everything is checked before training starts.
+The config is the method's defaults, updated by the caller's dict (YAML + CLI overrides); unknown keys, wrong types
+and out-of-range values are errors. Each step sees {"forget": batch, "retain": batch, "topic": k}: forget batches
+of the topics interleave step by step, and retain batches are paired with them by `pairing` ("cycle": the shuffled
+retain set flows on across epochs; "random": a seeded random retain batch each step). Everything is checked before
+training starts. This module knows methods only through their `Method` record (methods/contract.py).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -15,17 +18,17 @@ import re
 import resource
 import sys
 import time
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 
+from . import methods
 from .data.batching import batches, encode_corpus, encode_items
 from .data.format import PromptFormat
 from .errors import UserError
-from .methods import METHODS
-from .train.loop import TrainConfig, _dist, train
+from .files import check_out_dir, claim_out_dir
+from .train.loop import TrainConfig, autocast_context, dist_info, train
 
 # Keys every method accepts besides TrainConfig's and its own.
 COMMON = dict(pairing="cycle", retain_batch_size=None, max_length=512, params=None,
@@ -33,38 +36,88 @@ COMMON = dict(pairing="cycle", retain_batch_size=None, max_length=512, params=No
 _TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"extra"}
 
 
+# Types of the keys whose default is None (the others take their default's type).
+_NONE_DEFAULT_TYPES = {"max_steps": int, "max_grad_norm": float, "retain_batch_size": int, "params": str,
+                       "lora_alpha": float}
+
+
+def _typed(key: str, value, default, per_topic: bool):
+    """value converted to the type `default` (or the declared type) implies; UserError naming the key otherwise."""
+    kind = _NONE_DEFAULT_TYPES.get(key) if default is None else type(default)
+    if value is None and default is None or kind is None:
+        return value
+    if per_topic and isinstance(value, (list, tuple)):
+        return [_typed(key, v, default, False) for v in value]
+    if kind in (int, float) and isinstance(value, str):  # YAML reads 1e-5 as a string
+        try:
+            value = int(value) if kind is int else float(value)
+        except ValueError:
+            pass
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          tuple: lambda v: isinstance(v, (list, tuple))}.get(kind, lambda v: True)
+    if not ok(value):
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                tuple: "a list"}.get(kind, kind.__name__)
+        raise UserError(f"config {key}: expected {what}{' (or one per topic)' if per_topic else ''}, got {value!r:.40}")
+    return float(value) if kind is float else tuple(value) if kind is tuple else value
+
+
+def _check_common(cfg: dict) -> None:
+    def at_least(key, lo, what):
+        v = cfg[key]
+        if v is not None and v < lo:
+            raise UserError(f"config {key}: must be {what} (got {v!r})")
+
+    at_least("retain_batch_size", 1, "an integer >= 1")
+    at_least("max_length", 1, "an integer >= 1")
+    at_least("lora_r", 0, "an integer >= 0 (0: no LoRA)")
+    if cfg["lora_alpha"] is not None and not cfg["lora_alpha"] > 0:
+        raise UserError(f"config lora_alpha: must be > 0 (got {cfg['lora_alpha']!r})")
+    if not 0 <= cfg["lora_dropout"] < 1:
+        raise UserError(f"config lora_dropout: must be in [0, 1) (got {cfg['lora_dropout']!r})")
+
+
 def resolve_config(method: str, config: dict | None = None) -> dict:
-    """Method defaults + common keys + TrainConfig defaults, updated by `config`; unknown keys/values → UserError."""
-    if method not in METHODS:
-        raise UserError(f"--method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    module, defaults = METHODS[method]
-    resolved = {f.name: f.default for f in fields(TrainConfig) if f.name in _TRAIN_KEYS}
-    resolved["adam_betas"] = tuple(resolved["adam_betas"])
-    resolved.update(COMMON)
-    resolved.update(defaults)
+    """Method defaults + common keys + TrainConfig defaults, updated by `config`. Unknown keys, wrong types, unknown
+    choices and out-of-range values are UserErrors — all checked here, before any model is loaded."""
+    m = methods.get(method)
+    base = {f.name: f.default for f in fields(TrainConfig) if f.name in _TRAIN_KEYS}
+    base.update(COMMON)
+    base.update(m.defaults)
+    resolved = dict(base)
     for key, value in (config or {}).items():
         if key not in resolved:
             raise UserError(f"config: unknown key {key!r} for method {method} "
                             f"(known: {', '.join(sorted(resolved))})")
-        resolved[key] = value
-    for key, allowed in {**getattr(module, "CHOICES", {}), "pairing": ("cycle", "random")}.items():
-        if resolved[key] not in allowed:
-            raise UserError(f"config {key}: unknown value {resolved[key]!r}; choose one of {', '.join(allowed)}")
-    if method == "adaptive_rmu" and not resolved["adaptive"]:
-        raise UserError("config adaptive: adaptive_rmu needs adaptive=true (use --method rmu instead)")
+        resolved[key] = _typed(key, value, base[key], key in m.per_topic)
+    resolved["adam_betas"] = tuple(resolved["adam_betas"])
+    for key, allowed in {**m.choices, "pairing": ("cycle", "random")}.items():
+        if resolved[key] not in allowed or isinstance(resolved[key], bool) != isinstance(allowed[0], bool):
+            raise UserError(f"config {key}: unknown value {resolved[key]!r}; choose one of "
+                            f"{', '.join(map(str, allowed))}")
+    TrainConfig(**{k: resolved[k] for k in _TRAIN_KEYS})  # the loop's own range checks
+    _check_common(resolved)
+    if m.check:
+        m.check(resolved)
     return resolved
 
 
 @dataclass
 class UnlearnData:
-    """What a method's setup may look at: encoded examples, padding id, topics, trained parameter names, and the
-    batch schedule (the same one the loop uses)."""
+    """What a method's setup may look at: encoded examples, padding id, topics, trained parameter names, the batch
+    schedule (the same one the loop uses), the loop's autocast (for anything precomputed), and `report`, where
+    setup records what the method reports (its `Method.reports` keys; they go to run.json)."""
     forget: list[dict]
     retain: list[dict]
     pad_id: int
     n_topics: int
     param_names: list[str]
     batches_for_epoch: Callable[[int], list]
+    autocast: Callable = contextlib.nullcontext
+    report: dict = field(default_factory=dict)
 
 
 def _kind(items: list[dict], source: str) -> str:
@@ -96,14 +149,13 @@ def _key(item: dict) -> tuple:
     return ("qa", " ".join(str(item.get("question")).split()), " ".join(str(item.get("answer")).split()))
 
 
-def check_data(method: str, cfg: dict, forget: list[dict] | None, retain: list[dict] | None) -> bool:
+def check_data(method: methods.Method, cfg: dict, forget: list[dict] | None, retain: list[dict] | None) -> bool:
     """Empty sets and forget/retain overlap are errors. Returns whether the method uses the retain set."""
-    module, _ = METHODS[method]
     if not forget:
         raise UserError("forget: empty data set")
-    uses_retain = getattr(module, "NEEDS_RETAIN", False) and cfg.get("alpha", 1) != 0
+    uses_retain = method.uses_retain(cfg)
     if uses_retain and not retain:
-        raise UserError(f"retain: empty data set (method {method} needs a retain set)")
+        raise UserError(f"retain: empty data set (method {method.name} needs a retain set with this config)")
     if uses_retain:
         retain_keys = {_key(r) for r in retain}
         both = [f for f in forget if _key(f) in retain_keys]
@@ -113,13 +165,8 @@ def check_data(method: str, cfg: dict, forget: list[dict] | None, retain: list[d
     return uses_retain
 
 
-def select_params(model, cfg: dict, method: str) -> list[str]:
-    """Names of the parameters to train: those matching cfg["params"] (RMU: its default regex), else all."""
-    regex = cfg["params"]
-    if regex is None and METHODS[method][0].__name__.endswith(".rmu"):
-        from .methods.rmu import default_param_regex
-
-        regex = default_param_regex(cfg["layer"])
+def select_params(model, regex: str | None) -> list[str]:
+    """Names of the parameters to train: those matching `regex`, else all."""
     names = [n for n, _ in model.named_parameters()]
     if regex is None:
         return names
@@ -150,20 +197,20 @@ def _apply_lora(model, cfg: dict, chosen: list[str], all_names: bool):
     return get_peft_model(model, lcfg)
 
 
-def make_schedule(forget: list[dict], retain: list[dict], cfg: dict, pad_id: int, n_topics: int):
+def make_schedule(forget: list[dict], retain: list[dict], cfg: dict, pad_id: int, n_topics: int,
+                  padding_side: str = "right", position_ids: bool = True):
     """batches_for_epoch(epoch) → [{"forget", "retain", "topic"}]: topics interleaved step by step (a topic with
-    fewer batches starts again), retain batches paired by cfg["pairing"]. Deterministic for the seed."""
+    fewer batches starts again), retain batches paired by cfg["pairing"]. Deterministic for the seed.
+    position_ids=False leaves them out (HF numbers positions 0..T-1, padding included)."""
     bs, rbs, seed = cfg["batch_size"], cfg["retain_batch_size"] or cfg["batch_size"], cfg["seed"]
-    reference_padding = cfg.get("padding") == "reference"  # RMU reference code: left padding, arange positions
-    side = "left" if reference_padding else "right"
     by_topic = [[i for i, ex in enumerate(forget) if ex["topic"] == k] for k in range(n_topics)]
 
     def make(examples, idx, size, shuffle_seed):
         out = []
         for b in batches([examples[i] for i in idx], size, pad_id, shuffle=True, seed=shuffle_seed,
-                         padding_side=side):
+                         padding_side=padding_side):
             b["index"] = torch.tensor([idx[i] for i in b["index"].tolist()])  # index into the full set
-            if reference_padding:
+            if not position_ids:
                 b.pop("position_ids", None)
             out.append(b)
         return out
@@ -226,6 +273,26 @@ def peak_memory_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_identity(model) -> str:
+    """A checksum of the model as given (architecture + every parameter's sum and squared sum): a resume on
+    another model is refused. Cheap next to a training step."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    sums = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().double()
+            sums.append((name, list(p.shape), str(p.dtype), float(x.sum()), float(x.square().sum())))
+    return _sha([config, sums])
+
+
+def _data_identity(examples: list[dict]) -> str:
+    return _sha([(ex["input_ids"], ex["labels"], ex.get("topic")) for ex in examples])
+
+
 @dataclass
 class Run:
     """A method ready to train: what `unlearn` passes to the loop (tests use it to check losses step by step)."""
@@ -239,36 +306,47 @@ class Run:
     uses_retain: bool
     topics: list
     restore_requires_grad: dict
+    fingerprint: dict
 
 
 def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] | None = None,
           config: dict | None = None, fmt: PromptFormat = PromptFormat(), setup_kwargs: dict | None = None) -> Run:
     """Resolve the config, check and encode the data, choose the trained parameters (LoRA if asked) and set the
     method up. Every error is raised here, before any training. setup_kwargs: e.g. {"naive": True} for benches."""
+    m = methods.get(method)
     cfg = resolve_config(method, config)
-    uses_retain = check_data(method, cfg, forget, retain)
-    module, _ = METHODS[method]
+    uses_retain = check_data(m, cfg, forget, retain)
     train_cfg = TrainConfig(**{k: cfg[k] for k in _TRAIN_KEYS})
     topics: dict = {}
     forget_ex = _encode(tokenizer, forget, fmt, cfg["max_length"], "forget", topics)
     retain_ex = _encode(tokenizer, retain, fmt, cfg["max_length"], "retain") if uses_retain else []
-    if hasattr(module, "validate"):
-        module.validate(model, cfg)
-    chosen = select_params(model, cfg, method)
-    all_params = cfg["params"] is None and not module.__name__.endswith(".rmu")
+    if m.check_model:
+        m.check_model(model, cfg)
+    fingerprint = {"method": method, "method_config": {k: v for k, v in cfg.items() if k not in _TRAIN_KEYS},
+                   "model": model_identity(model), "forget_data": _data_identity(forget_ex),
+                   "retain_data": _data_identity(retain_ex)}
+    regex = cfg["params"] if cfg["params"] is not None else m.default_params(cfg)
+    chosen = select_params(model, regex)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     if cfg["lora_r"]:
-        model = _apply_lora(model, cfg, chosen, all_params)
+        model = _apply_lora(model, cfg, chosen, all_names=regex is None)
     else:
         keep = set(chosen)
         for n, p in model.named_parameters():
             p.requires_grad_(n in keep)  # only trained parameters carry gradients
     params = [p for p in model.parameters() if p.requires_grad]
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    schedule = make_schedule(forget_ex, retain_ex, cfg, tokenizer.pad_token_id, len(topics))
-    data = UnlearnData(forget_ex, retain_ex, tokenizer.pad_token_id, len(topics), param_names, schedule)
-    step_loss = module.setup(model, data, cfg, **(setup_kwargs or {}))  # may raise UserError (e.g. RMU layer out of range)
-    return Run(model, step_loss, schedule, params, data, cfg, train_cfg, uses_retain, list(topics), requires_grad)
+    schedule = make_schedule(forget_ex, retain_ex, cfg, tokenizer.pad_token_id, len(topics),
+                             m.padding_side(cfg), m.position_ids(cfg))
+    device = next(model.parameters()).device
+    data = UnlearnData(forget_ex, retain_ex, tokenizer.pad_token_id, len(topics), param_names, schedule,
+                       autocast=lambda: autocast_context(train_cfg, device))
+    step_loss = m.setup(model, data, cfg, **(setup_kwargs or {}))
+    if set(data.report) != set(m.reports):
+        raise RuntimeError(f"method {method}: setup reported {sorted(data.report)}, its record declares "
+                           f"{sorted(m.reports)}")
+    return Run(model, step_loss, schedule, params, data, cfg, train_cfg, uses_retain, list(topics), requires_grad,
+               fingerprint)
 
 
 def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict] | None = None,
@@ -278,16 +356,24 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
 
     forget / retain: [{"question", "answer"}] QA rows or [{"text"}] raw-text rows; an optional "topic" field splits
     the forget set into topics (RMU: one u, coefficient and α per topic). config: overrides of the method's
-    DEFAULTS (see `resolve_config`). out_dir: where the HF model + tokenizer + run.json go (and the resume
-    checkpoint while training). Returns the run info (what run.json holds) plus "model": the unlearned model.
+    defaults (see `resolve_config`). out_dir: where the HF model + tokenizer + run.json go (and the resume
+    checkpoint while training): new, empty, or an earlier folder of `unlearn` (files.py). resume=True continues a
+    checkpoint of the same run there (another run's checkpoint is an error); resume=False discards it.
+    Returns the run info (what run.json holds) plus "model": the unlearned model.
     """
     t_start = time.perf_counter()
+    if out_dir is not None:
+        check_out_dir(out_dir, "unlearn")
     _maybe_init_distributed()
     run = build(model, tokenizer, method, forget, retain, config, fmt)
     cfg, model = run.cfg, run.model
     setup_seconds = time.perf_counter() - t_start
+    rank = dist_info()[0]
+    if out_dir is not None and rank == 0:
+        claim_out_dir(out_dir, "unlearn")
     log = train(model, run.step_loss, run.schedule, run.train_cfg, out_dir=out_dir, params=run.params,
-                resume=resume, progress=progress, desc=method, stop_after_steps=stop_after_steps)
+                resume=resume, progress=progress, desc=method, stop_after_steps=stop_after_steps,
+                fingerprint=run.fingerprint, remove_checkpoint=False)
     if cfg["lora_r"] and cfg["lora_merge"]:
         model = model.merge_and_unload()
     for n, p in model.named_parameters():
@@ -296,18 +382,19 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
     info = {"method": method, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
             "seed": cfg["seed"], "n_forget": len(forget), "n_retain": len(retain) if run.uses_retain else 0,
             "topics": run.topics, "trained_parameters": run.data.param_names,
-            "n_trained_parameters": sum(p.numel() for p in run.params),
-            "resolved_coefficients": getattr(run.step_loss, "coeffs", None),
+            "n_trained_parameters": sum(p.numel() for p in run.params), "method_report": run.data.report,
             "prompt_format": {"kind": fmt.kind, "system_prompt": fmt.system_prompt},
+            "fingerprint": run.fingerprint,
             "setup_seconds": setup_seconds, "train_seconds": log.get("seconds"),
             "seconds_per_step": sum(s["seconds"] for s in steps) / len(steps) if steps else None,
             "peak_memory_bytes": peak_memory_bytes(next(model.parameters()).device),
             "total_steps": log["total_steps"], "world_size": log["world_size"], "steps": steps,
             "interrupted_at": log.get("interrupted_at"), "versions": _versions(), "command": " ".join(sys.argv)}
     info = json.loads(json.dumps(info, default=str))
-    if out_dir is not None and log.get("interrupted_at") is None and _dist()[0] == 0:
+    if out_dir is not None and log.get("interrupted_at") is None and rank == 0:
         from .models import save_model
 
-        save_model(model, tokenizer, out_dir, extra_files={"run.json": json.dumps(info, indent=1)})
+        # Replaces the run folder (checkpoint included) in one rename, only after the model is written.
+        save_model(model, tokenizer, out_dir, extra_files={"run.json": json.dumps(info, indent=1)}, kind="unlearn")
     info["model"] = model
     return info
