@@ -14,7 +14,7 @@ from . import METHODS
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("unlearn", help="weight-space unlearning: ga, graddiff, npo, simnpo, rmu, adaptive_rmu")
+    p = sub.add_parser("unlearn", help=f"weight-space unlearning: {', '.join(METHODS)}")
     p.add_argument("--method", required=True, choices=list(METHODS))
     add_model_args(p)
     data = p.add_argument_group("data (a --split, or --forget/--forget-corpus files; each file is one topic)")
