@@ -21,8 +21,7 @@ def test_demo_runs_the_whole_story_on_a_tiny_model(tiny_model_dir, tmp_path, mon
     run = json.loads((out / "unlearned" / "run.json").read_text())
     assert run["method"] == "simnpo" and run["total_steps"] == 10
     assert sorted(p.name for p in out.parent.iterdir()) == ["cache", "run"]  # no half-written folder left
-    assert json.loads((out / ".unlearnkit.json").read_text())["kind"] == "demo"
-  # its own folder: a rerun may replace it
+    assert json.loads((out / ".unlearnkit.json").read_text())["kind"] == "demo"  # ours: a rerun may replace it
 
 
 @pytest.mark.parametrize("setup", ["user_folder", "foreign_file_in_old_run", "model_folder"])
