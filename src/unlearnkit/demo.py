@@ -23,8 +23,8 @@ DEMO_CONFIG = {"simnpo": {"epochs": 2.0, "lr": 2e-4}}
 
 def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="prepare mini TOFU, unlearn with SimNPO, evaluate, report (CPU-sized)")
-    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo); an earlier demo run folder there is replaced, any "
-                        "other non-empty folder is refused")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo); an earlier demo run there "
+                   "is replaced, any other non-empty folder is refused")
     p.add_argument("--model", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--method", default=DEMO_METHOD, help="unlearning method (default: simnpo)")
     p.add_argument("--device", default=None)

@@ -5,7 +5,10 @@ Rules (every command that writes a folder follows them):
   file (MARKER, naming the kind of command) and nothing but the names the marker lists or the kind's work names
   (e.g. an unlearn run's checkpoint/). Anything else — a user's folder, the current directory, a folder of another
   command — is refused with a one-line error (exit 2) before any work starts.
-- An output folder is never equal to, inside, or around an input (a model folder, a data file).
+- An output folder is never equal to, inside, or around an input (a model folder, a data file), nor the current
+  folder or one of its parents.
+- An output file (e.g. `bench --json`) is never a folder, and replaces only a JSON file of ours (holding a key the
+  caller names, e.g. "bench").
 - Files appear whole or not at all: written to a temporary name in the same folder, then renamed.
 """
 from __future__ import annotations

@@ -80,6 +80,11 @@ def default_model_dir(progress: bool = True) -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL
     if (target / "model.safetensors").is_file():
         return target
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        # Not a conversion of ours (those appear whole): never replace it.
+        raise UserError(f"default model: {target} exists but holds no model.safetensors; move it away and retry")
+    if target.is_dir():
+        target.rmdir()  # empty: the rename below needs the name free
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
