@@ -148,3 +148,53 @@ def test_corpus_loader(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(UserError, match="row 1: field 'text'"):
         load_corpus(tmp_path / "c.jsonl")
+
+
+# --- item 12: encodings ---------------------------------------------------------------------------------------------
+
+def test_csv_and_json_with_byte_order_mark(tmp_path):
+    (tmp_path / "excel.csv").write_bytes("\ufeffquestion,answer\nQ1?,A1\n".encode("utf-8"))
+    (tmp_path / "bom.json").write_bytes("\ufeff".encode() + json.dumps([{"question": "Q", "answer": "A"}]).encode())
+    (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + b'{"question": "Q", "answer": "A"}\n')
+    for name in ("excel.csv", "bom.json", "bom.jsonl"):
+        assert [(r["question"], r["answer"]) for r in load_qa(tmp_path / name)][0][1] in ("A1", "A")
+    (tmp_path / "bom.txt").write_bytes("\ufeffOne.\r\n\r\nTwo.\r\n".encode())
+    assert load_corpus(tmp_path / "bom.txt") == ["One.", "Two."]
+
+
+def test_csv_quoted_field_keeps_its_line_break(tmp_path):
+    (tmp_path / "m.csv").write_text('question,answer\n"Line one\nline two?",A\n', newline="")
+    assert load_qa(tmp_path / "m.csv")[0]["question"] == "Line one\nline two?"
+
+
+@pytest.mark.parametrize("name", ["latin.csv", "latin.jsonl", "latin.json", "latin.txt"])
+def test_non_utf8_file_is_a_one_line_error_with_position(name, tmp_path):
+    body = {"latin.csv": "question,answer\nCaf\u00e9?,Oui\n",
+            "latin.jsonl": '{"question": "Caf\u00e9?", "answer": "Oui"}\n',
+            "latin.json": '[{"question": "Caf\u00e9?", "answer": "Oui"}]',
+            "latin.txt": "Caf\u00e9.\n"}[name]
+    path = tmp_path / name
+    path.write_bytes(body.encode("latin-1"))
+    pos = body.encode("latin-1").index(b"\xe9")
+    load = load_corpus if name.endswith(".txt") else load_qa
+    with pytest.raises(UserError, match=rf"{name}: not valid utf-8 text at line \d+, byte {pos} \(0xe9\)") as e:
+        load(path)
+    assert "\n" not in str(e.value)
+    rows = load(path, encoding="latin-1")  # the API can decode as the caller asks
+    assert "Caf\u00e9" in (rows[0] if isinstance(rows[0], str) else rows[0]["question"])
+
+
+def test_hf_dataset_rows_are_checked(monkeypatch):
+    import sys
+    import types
+
+    class FakeDataset(list):
+        column_names = ["question", "answer"]
+
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: FakeDataset(
+        [{"question": "Q?", "answer": "A"}, {"question": None, "answer": "B"}]))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    from unlearnkit.data.qa import load_hf_qa
+
+    with pytest.raises(UserError, match=r"dataset 'my/ds' split 'train': row 1: field 'question' empty or not text"):
+        load_hf_qa("my/ds")

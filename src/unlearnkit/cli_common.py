@@ -23,7 +23,7 @@ def check_model_args(args, *model_options: str) -> None:
     for option in model_options or ("model",):
         value = getattr(args, option, None)
         if value not in (None, "", "default", "smollm2-135m"):
-            resolve_model_path(value)
+            resolve_model_path(value, option=f"--{option.replace('_', '-')}")
 
 
 def add_format_args(p: argparse.ArgumentParser) -> None:

@@ -9,10 +9,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,8 @@ DEMO_CONFIG = {"simnpo": {"epochs": 2.0, "lr": 2e-4}}
 
 def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="prepare mini TOFU, unlearn with SimNPO, evaluate, report (CPU-sized)")
-    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo; replaced if it exists)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo); an earlier demo run there "
+                   "is replaced, any other non-empty folder is refused")
     p.add_argument("--model", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--method", default=DEMO_METHOD, help="unlearning method (default: simnpo)")
     p.add_argument("--device", default=None)
@@ -41,29 +40,48 @@ def _log(msg: str) -> None:
 def _cached_eval(model_dir: Path, task, device, retain_reference=None, full: bool = True) -> dict:
     """EVAL of a prepared model, cached beside it (the prepared models never change once written)."""
     from .eval import evaluate_tofu
+    from .files import write_json_atomic
     from .models import load_model
 
     cache = model_dir.parent / f"eval-{model_dir.name}{'' if full else '-reference'}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        try:
+            return json.loads(cache.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass  # damaged cache entry: evaluate again and rewrite it
     model, tokenizer = load_model(str(model_dir), device=device)
     result = evaluate_tofu(model, tokenizer, task, retain_reference=retain_reference, generate=full,
                            only_sets=None if full else ("forget", "holdout"))
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, cache)
+    write_json_atomic(cache, result, indent=None)
     return result
+
+
+def check_args(args) -> Path:
+    """Every demo input, checked before the first (minutes-long) step: device, model, method, run folder."""
+    from .files import check_out_dir
+    from .models import cache_dir, check_device, resolve_model_path
+    from .unlearn import resolve_config
+
+    check_device(args.device)
+    resolve_config(args.method, DEMO_CONFIG.get(args.method))
+    inputs = [cache_dir() / "tofu"]  # the prepared models the demo reads
+    if args.model not in (None, "", "default", "smollm2-135m"):
+        model = Path(resolve_model_path(args.model))
+        if model.is_dir():
+            inputs.append(model)
+    return check_out_dir(args.out, "demo", inputs=inputs)
 
 
 def run(args) -> int:
     from .data import tofu
     from .eval import evaluate_tofu, summary_table, write_eval
-    from .models import load_model
+    from .files import publish_dir, temp_dir_beside
+    from .models import load_model, save_model
     from .prepare import prepare_tofu
     from .unlearning import unlearn
 
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = check_args(args)
     task = tofu.task("mini")
     _log("1/5 prepare mini TOFU target + retain models (cached after the first run)")
     paths = prepare_tofu("mini", args.model, device=args.device)
@@ -73,13 +91,16 @@ def run(args) -> int:
     retain_eval = _cached_eval(paths["retain"], task, args.device, full=args.full_retain_eval)
     target_eval = _cached_eval(paths["target"], task, args.device, retain_reference=retain_eval)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))  # nothing half-written at --out
+    work = temp_dir_beside(out)  # nothing half-written at --out: the run folder appears whole at the end
     try:
         _log(f"3/5 unlearn the forget authors with {args.method}")
         model, tokenizer = load_model(str(paths["target"]), device=args.device)
+        # No out_dir: the run folder is fresh each time (nothing to resume), and the demo saves the model itself.
         info = unlearn(model, tokenizer, args.method, task.forget, task.retain_train_for_unlearning,
-                       config=DEMO_CONFIG.get(args.method), out_dir=work / "unlearned")
+                       config=DEMO_CONFIG.get(args.method))
+        run_info = {k: v for k, v in info.items() if k != "model"}
+        save_model(info["model"], tokenizer, work / "unlearned", kind="unlearn",
+                   extra_files={"run.json": json.dumps(run_info, indent=1, default=str)})
         _log("4/5 evaluate the unlearned model")
         unlearned_eval = evaluate_tofu(info["model"], tokenizer, task, retain_reference=retain_eval)
         _log("5/5 write the run folder")
@@ -90,13 +111,11 @@ def run(args) -> int:
         summary = {"split": "mini", "method": args.method, "models": {k: str(v) for k, v in paths.items()},
                    "unlearned_model": str(out / "unlearned"), "seconds": time.perf_counter() - t0,
                    "summaries": {name: result["summary"] for name, result in evals.items()}}
-        (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        (work / "summary.txt").write_text(table + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
+        (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+        (work / "summary.txt").write_text(table + "\n", encoding="utf-8")
+        publish_dir(work, out, "demo")  # re-checks --out: a folder that changed meanwhile is never deleted
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # our fresh temporary folder; gone already once published
     print(table)
     print(f"\nrun folder: {out}  (unlearned model: {out / 'unlearned'}; per-sample values: {out}/eval/*/EVAL.json)")
     print(f"total time: {time.perf_counter() - t0:.0f} s")

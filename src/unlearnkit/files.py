@@ -5,7 +5,10 @@ Rules (every command that writes a folder follows them):
   file (MARKER, naming the kind of command) and nothing but the names the marker lists or the kind's work names
   (e.g. an unlearn run's checkpoint/). Anything else — a user's folder, the current directory, a folder of another
   command — is refused with a one-line error (exit 2) before any work starts.
-- An output folder is never equal to, inside, or around an input (a model folder, a data file).
+- An output folder is never equal to, inside, or around an input (a model folder, a data file), nor the current
+  folder or one of its parents.
+- An output file (e.g. `bench --json`) is never a folder, and replaces only a JSON file of ours (holding a key the
+  caller names, e.g. "bench").
 - Files appear whole or not at all: written to a temporary name in the same folder, then renamed.
 """
 from __future__ import annotations
@@ -55,6 +58,11 @@ def check_out_dir(path, kind: str, *, inputs: Iterable = (), option: str = "--ou
     Returns the path (absolute)."""
     out = Path(path).expanduser()
     resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if _is_within(cwd, resolved):
+        # Replacing it would pull the current folder (and whatever the user keeps there) from under them.
+        where = "is" if cwd == resolved else "contains"
+        raise UserError(f"{option} {path}: {where} the current folder; give a separate output folder")
     for inp in inputs:
         if inp is None:
             continue
@@ -113,11 +121,15 @@ def publish_dir(tmp, out, kind: str) -> Path:
     The caller must have called `check_out_dir(out, kind)`; it is re-checked here, so a folder that changed in
     between is never deleted."""
     tmp, out = Path(tmp), Path(out)
+    if out.is_symlink():
+        out = out.resolve()  # replace the folder it points to, never move the user's link away
     files = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
     write_text_atomic(tmp / MARKER, json.dumps({"kind": kind, "files": files, "written": time.time()}))
     if out.exists():
         check_out_dir(out, kind)
-        old = out.with_name(f".unlearnkit-tmp-old-{out.name}-{os.getpid()}")
+        # A fresh name (not one derived from the pid): a leftover from a killed run must not block the rename.
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".unlearnkit-tmp-old-{out.name}-"))
+        old.rmdir()
         os.replace(out, old)
         try:
             os.replace(tmp, out)
@@ -173,7 +185,7 @@ def check_out_file(path, *, option: str = "--json", key: str | None = None) -> P
     """An output file: not a folder, in a writable place; an existing file is replaced only if it is a JSON
     object we wrote (it holds `key`)."""
     out = Path(path).expanduser()
-    if out.is_dir():
+    if out.is_dir() or str(path).endswith(("/", os.sep)):
         raise UserError(f"{option} {path}: is a folder; give a file path")
     if out.exists():
         try:
@@ -183,5 +195,5 @@ def check_out_file(path, *, option: str = "--json", key: str | None = None) -> P
         if not isinstance(old, dict) or (key is not None and key not in old):
             raise UserError(f"{option} {path}: file exists and was not written by unlearnkit; refusing to "
                             "overwrite it")
-    _check_writable(out, option, path)
+    _check_writable(out.parent, option, path)  # the file is written beside itself, then renamed
     return out

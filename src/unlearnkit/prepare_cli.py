@@ -17,10 +17,13 @@ def add_commands(sub) -> None:
 
 
 def run(args) -> int:
+    from .cli_common import check_model_args
     from .prepare import prepare_tofu
 
-    paths = prepare_tofu(args.split, args.model, train_config(args, "finetune"), prompt_format(args),
-                         args.max_length, dtype=args.dtype, device=args.device, force=args.force)
+    cfg = train_config(args, "finetune")  # TrainConfig validates the numbers before anything is loaded
+    check_model_args(args)
+    paths = prepare_tofu(args.split, args.model, cfg, prompt_format(args), args.max_length, dtype=args.dtype,
+                         device=args.device, force=args.force, trust_remote_code=args.trust_remote_code)
     for role, path in paths.items():
         print(f"{role}\t{path}")
     return 0

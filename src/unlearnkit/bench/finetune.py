@@ -76,5 +76,5 @@ def run(args) -> int:
     mine, hf = statistics.median(times["ours"]), statistics.median(times["hf"])
     emit({"rounds": args.rounds, "ours_seconds": mine, "hf_trainer_seconds": hf,
           "ours_tokens_per_s": tokens / mine, "hf_trainer_tokens_per_s": tokens / hf, "speedup": hf / mine},
-         args.json)
+         args.json, bench="finetune")
     return 0

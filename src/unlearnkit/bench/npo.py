@@ -43,5 +43,5 @@ def run(args) -> int:
     per = {k: statistics.median(v) for k, v in times.items()}  # robust to a busy machine
     emit({"npo_seconds_per_step": per["npo"], "simnpo_seconds_per_step": per["simnpo"],
           "naive_npo_seconds_per_step": per["naive_npo"], "npo_over_simnpo": per["npo"] / per["simnpo"],
-          "speedup": per["naive_npo"] / per["npo"]}, args.json)
+          "speedup": per["naive_npo"] / per["npo"]}, args.json, bench="npo")
     return 0

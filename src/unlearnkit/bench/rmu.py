@@ -62,5 +62,5 @@ def run(args) -> int:
           "ours_seconds_per_step": ours["seconds_per_step"], "naive_seconds_per_step": naive["seconds_per_step"],
           "ours_peak_mib": ours["peak_bytes"] / 2**20, "naive_peak_mib": naive["peak_bytes"] / 2**20,
           "speedup": naive["seconds_per_step"] / ours["seconds_per_step"],
-          "memory_ratio": ours["peak_bytes"] / naive["peak_bytes"]}, args.json)
+          "memory_ratio": ours["peak_bytes"] / naive["peak_bytes"]}, args.json, bench="rmu")
     return 0

@@ -5,47 +5,71 @@ Every error names the file, the field and the row, in one line.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from ..errors import UserError
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A data file's text; a UTF-8 byte-order mark (Excel writes one) is dropped. Bytes that are not valid in
+    `encoding` give a one-line error naming the file, line and byte position."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from e
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") and encoding.lower().replace("_", "-") in ("utf-8", "utf8") else 0
+    try:
+        return data[skip:].decode(encoding)
+    except LookupError as e:
+        raise UserError(f"{path}: unknown encoding {encoding!r}") from e
+    except UnicodeDecodeError as e:
+        pos = skip + e.start
+        line = data.count(b"\n", 0, pos) + 1
+        raise UserError(f"{path}: not valid {encoding} text at line {line}, byte {pos} "
+                        f"(0x{data[pos]:02x}); save the file as UTF-8") from e
+
+
+def _read_records(path: Path, encoding: str = "utf-8") -> list[dict]:
+    text = read_text(path, encoding)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        try:
+            # newline="": quoted fields may hold line breaks
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise UserError(f"{path}: invalid CSV ({e})") from e
     if suffix in (".json", ".jsonl"):
         stripped = text.lstrip()
         if suffix == ".json" and stripped.startswith("["):
             try:
-                data = json.loads(text)
+                return json.loads(text)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from e
-            return data
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        return records
+        return _json_lines(path, text)
     raise UserError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .csv")
 
 
+def _json_lines(path: Path, text: str) -> list:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+    return records
+
+
 def load_qa(path: str | Path, question_field: str = "question", answer_field: str = "answer",
-            extra_fields: tuple[str, ...] = ()) -> list[dict]:
+            extra_fields: tuple[str, ...] = (), encoding: str = "utf-8") -> list[dict]:
     """QA pairs as [{"question", "answer", ...extra, "index"}]. Empty file → error."""
     path = Path(path)
-    records = _read_records(path)
+    records = _read_records(path, encoding)
     if not records:
         raise UserError(f"{path}: no rows (empty data set)")
     rows = []
@@ -69,16 +93,15 @@ def load_qa(path: str | Path, question_field: str = "question", answer_field: st
     return rows
 
 
-def load_corpus(path: str | Path, text_field: str = "text") -> list[str]:
+def load_corpus(path: str | Path, text_field: str = "text", encoding: str = "utf-8") -> list[str]:
     """Raw-text documents: a .txt file (blank-line separated passages) or JSON/JSONL rows with a text field."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        text = read_text(path, encoding).replace("\r\n", "\n")  # Windows line ends still separate passages
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     else:
         docs = []
-        for i, rec in enumerate(_read_records(path)):
+        for i, rec in enumerate(_read_records(path, encoding)):
             value = rec.get(text_field) if isinstance(rec, dict) else rec if isinstance(rec, str) else None
             if not isinstance(value, str):
                 raise UserError(f"{path}: row {i}: field {text_field!r} missing or not text")
@@ -103,5 +126,12 @@ def load_hf_qa(name: str, split: str = "train", question_field: str = "question"
     for f in (question_field, answer_field):
         if f not in ds.column_names:
             raise UserError(f"dataset {name!r}: field {f!r} missing (columns: {', '.join(ds.column_names)})")
-    return [{"index": i, **{k: v for k, v in rec.items()}, "question": rec[question_field],
-             "answer": rec[answer_field]} for i, rec in enumerate(ds)]
+    rows = []
+    for i, rec in enumerate(ds):
+        for f in (question_field, answer_field):
+            value = rec[f]
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"dataset {name!r} split {split!r}: row {i}: field {f!r} empty or not text "
+                                f"({value!r:.40})")
+        rows.append({"index": i, **rec, "question": rec[question_field], "answer": rec[answer_field]})
+    return rows

@@ -40,7 +40,7 @@ def load(name: str) -> list[dict]:
     and, where the file is aligned with full.json, "author"."""
     if name not in FILES:
         raise UserError(f"TOFU: unknown file {name!r}; choose one of {', '.join(FILES)}")
-    rows = [json.loads(line) for line in (data_dir() / f"{name}.json").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (data_dir() / f"{name}.json").read_text(encoding="utf-8").splitlines() if line.strip()]
     first_row = _first_full_row(name, len(rows))
     for i, row in enumerate(rows):
         row["index"] = i

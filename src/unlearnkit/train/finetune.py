@@ -1,11 +1,11 @@
 """Supervised fine-tuning on QA pairs (answer tokens only): how TOFU target and retain models are made."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..data.batching import batches, encode_items
 from ..data.format import PromptFormat
+from ..files import write_json_atomic
 from .loop import TrainConfig, train
 from .nll import mean_token_nll
 
@@ -29,6 +29,5 @@ def finetune(model, tokenizer, items: list[dict], cfg: TrainConfig = TrainConfig
                 **train_kwargs)
     log["n_examples"] = len(examples)
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "train_log.json").write_text(json.dumps(log, indent=1))
+        write_json_atomic(Path(out_dir) / "train_log.json", log)
     return log
