@@ -42,9 +42,9 @@ def run(args) -> int:
     from ..files import check_out_file
     from ..models import load_model
 
-    at_least(args.n, 0, "--n (rows per set, 0 = all)")
-    at_least(args.batch_size, 1, "batch_size")
-    at_least(args.max_new_tokens, 1, "max_new_tokens")
+    at_least(args.n, 0, "--n")
+    at_least(args.batch_size, 1, "--batch-size")
+    at_least(args.max_new_tokens, 1, "--max-new-tokens")
     check_model_args(args, "model")
     if args.json:
         check_out_file(args.json, option="--json", key="speedup")

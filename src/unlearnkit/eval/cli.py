@@ -139,7 +139,7 @@ def run_tofu(args) -> int:
 
     check_options(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                   truth_ratio=args.truth_ratio, es_convention=args.es_convention)
-    at_least(args.limit, 1, "limit", none_ok=True)
+    at_least(args.limit, 1, "--limit", none_ok=True)
     check_model_args(args, "model", "retain_model")
     out = check_out_dir(args.out, KIND["tofu"], inputs=_inputs(args.model, args.retain_model, args.retain_log,
                                                                  args.holdout, args.eco))
@@ -155,7 +155,10 @@ def run_tofu(args) -> int:
         try:
             check_lengths(tok, sets, fmt, max_length=args.max_length, max_new_tokens=max_new, context=context)
         except UserError as e:
-            raise UserError(f"--{option.replace('_', '-')} {getattr(args, option)}: {e}") from e
+            if not args.retain_model:
+                raise
+            # two models, possibly two tokenizers and contexts: say which one
+            raise UserError(f"--{option.replace('_', '-')} {getattr(args, option) or '(default)'}: {e}") from e
     kw = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
               progress=not args.quiet, holdout=holdout, truth_ratio=args.truth_ratio,
               es_convention=args.es_convention, generate=not args.no_generate)
@@ -210,7 +213,7 @@ def run_muse(args) -> int:
 
     check_options(batch_size=args.batch_size, verbmem_tokens=args.max_new_tokens_verbmem,
                   knowmem_tokens=args.max_new_tokens_knowmem, verbmem_prompt_tokens=args.verbmem_prompt_tokens)
-    at_least(args.limit, 1, "limit", none_ok=True)
+    at_least(args.limit, 1, "--limit", none_ok=True)
     check_model_args(args, "model")
     out = check_out_dir(args.out, KIND["muse"], inputs=_inputs(args.model, args.data, args.retain_log, args.eco))
     _check_eco(args)
@@ -239,8 +242,8 @@ def run_mcq(args) -> int:
     from .mcq import check_lengths, evaluate_mcq, load_mcq, reference_accuracy
     from .tofu import write_eval
 
-    at_least(args.batch_size, 1, "batch_size")
-    at_least(args.limit, 1, "limit", none_ok=True)
+    at_least(args.batch_size, 1, "--batch-size")
+    at_least(args.limit, 1, "--limit", none_ok=True)
     check_model_args(args, "model")
     out = check_out_dir(args.out, KIND["mcq"], inputs=_inputs(args.model, *args.data, args.retain_log, args.eco))
     _check_eco(args)

@@ -11,8 +11,8 @@ CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length
 
 
 def at_least(value, minimum: int, name: str, none_ok: bool = False) -> None:
-    """An integer option must be >= minimum (None allowed only when none_ok). `name`: the API keyword (its CLI
-    option, --with-dashes, is named beside it) or a text naming both."""
+    """An integer option must be >= minimum (None allowed only when none_ok). `name`: a CLI option ("--limit"), an
+    API keyword ("batch_size": its CLI option is named beside it), or a text naming both."""
     if value is None and none_ok:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
