@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from unlearnkit.cli import main
+from unlearnkit.errors import UserError
 from unlearnkit.eval.aggregate import aggregate
 
 FILES = {"forget": "eval_log_forget.json", "retain": "eval_log.json",
@@ -64,7 +65,7 @@ def expected(logs, ret=None) -> dict:
                                    else sum(max(0, 1 - x) for x in tr[name]) / n)
         out[f"{p}_rougeL_recall"] = sum(c["rougeL_recall"]) / n
     nine = [out[f"{p}_{k}"] for p in ("retain", "ra", "wf") for k in ("prob", "rougeL_recall", "truth_ratio")]
-    out["model_utility"] = len(nine) / sum(1 / v for v in nine)
+    out["model_utility"] = 0.0 if 0 in nine else len(nine) / sum(1 / v for v in nine)
     if ret is not None:
         from scipy.stats import ks_2samp
 
@@ -199,3 +200,126 @@ def test_missing_sets_give_reasoned_nulls(tmp_path):
     assert s["forget_prob"] is not None
     assert s["model_utility"] is None and "retain_prob" in s["null_reasons"]["model_utility"]
     assert s["retain_prob"] is None and s["null_reasons"]["retain_prob"]
+
+
+# ---- retain-log matching (prompt templates in original TOFU logs) -------------------------------------------------
+
+TEMPLATES = {"llama2": lambda q: f"[INST] {q} [/INST]", "phi": lambda q: f"Question: {q}\n",
+             "phi_answer": lambda q: f"Question: {q}\nAnswer:",
+             "chatml": lambda q: f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"}
+
+
+def templated(logs: dict, template: str, questions, answers) -> dict:
+    """Logs whose generated_text carries the question as the TOFU code logs it: inside the model's prompt."""
+    out = {name: dict(cols) for name, cols in logs.items()}
+    out["forget"]["generated_text"] = [[TEMPLATES[template](q), f"gen {i}", f" {a}"]
+                                       for i, (q, a) in enumerate(zip(questions, answers))]
+    return out
+
+
+def eval_json(logs: dict, questions, answers, split="forget01") -> dict:
+    """Our EVAL.json layout (bare questions and answers), from the same per-sample values."""
+    sets = {}
+    for name, cols in logs.items():
+        c = {k: v for k, v in cols.items() if k != "generated_text"}
+        n = len(c["avg_gt_loss"])
+        c["question"] = list(questions) if name == "forget" else [f"Q{name}{i}?" for i in range(n)]
+        c["answer"] = list(answers) if name == "forget" else [f"gold {i}" for i in range(n)]
+        sets[name] = c
+    return {"format": "unlearnkit-eval/1", "split": split, "sets": sets}
+
+
+QS = [f"What is  the name of author {i}?" for i in range(6)]
+AS = [f"The author {i} is called Name{i}." for i in range(6)]
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_retain_tofu_log_with_prompt_template_matches_eval_json(tmp_path, template):
+    logs, ret = make_logs(20), make_logs(21)
+    (tmp_path / "EVAL.json").write_text(json.dumps(eval_json(logs, QS, AS)))
+    write_logs(tmp_path / "retain", templated(ret, template, [" ".join(q.split()) for q in QS], AS))
+    s = aggregate(tmp_path / "EVAL.json", tmp_path / "retain")
+    check(s, {"forget_quality": expected(logs, ret)["forget_quality"]})
+    assert s["retain_log_match"] == "question" and "template" in s["retain_log_match_convention"]
+
+
+def test_two_tofu_logs_with_different_templates_match(tmp_path):
+    logs, ret = make_logs(22), make_logs(23)
+    write_logs(tmp_path / "m", templated(logs, "llama2", QS, AS))
+    write_logs(tmp_path / "r", templated(ret, "phi", QS, AS), "list")
+    s = aggregate(tmp_path / "m", tmp_path / "r")
+    assert s["retain_log_match"] == "question"
+    check(s, expected(logs, ret))
+
+
+def test_retain_log_matched_by_position_when_answers_agree(tmp_path):
+    logs, ret = make_logs(24), make_logs(25)
+    write_logs(tmp_path / "m", templated(logs, "llama2", QS, AS))
+    odd = templated(ret, "llama2", QS, AS)  # an unknown template: the questions cannot be compared
+    odd["forget"]["generated_text"] = [[f"<<USER>> {q} <<BOT>>", g, a] for q, g, a in odd["forget"]["generated_text"]]
+    write_logs(tmp_path / "r", odd)
+    s = aggregate(tmp_path / "m", tmp_path / "r")
+    assert s["retain_log_match"] == "position"
+    check(s, expected(logs, ret))
+    odd["forget"]["generated_text"][2][2] = "another answer"  # answers disagree too: refused, row named
+    write_logs(tmp_path / "r2", odd)
+    with pytest.raises(UserError, match="forget row 2 gold answer differs.*another answer.*questions differ too"):
+        aggregate(tmp_path / "m", tmp_path / "r2")
+
+
+def test_retain_log_without_generation_is_accepted(tmp_path):
+    """A retain EVAL.json made with --no-generate (no ROUGE, no generated_text) serves for forget quality."""
+    logs, ret = make_logs(26), make_logs(27)
+    write_logs(tmp_path / "m", templated(logs, "llama2", QS, AS))
+    no_gen = eval_json(ret, QS, AS, split=None)
+    for cols in no_gen["sets"].values():
+        cols.pop("rougeL_recall")
+    (tmp_path / "retain.json").write_text(json.dumps(no_gen))
+    s = aggregate(tmp_path / "m", tmp_path / "retain.json")
+    assert s["retain_log_match"] == "question"
+    check(s, expected(logs, ret))
+    # the same log aggregated on its own: ROUGE and model utility null with a reason, the rest computed
+    s = aggregate(tmp_path / "retain.json")
+    assert s["forget_rougeL_recall"] is None and "rougeL_recall" in s["null_reasons"]["forget_rougeL_recall"]
+    assert s["model_utility"] is None and s["forget_prob"] is not None
+
+
+def test_retain_log_match_is_in_the_written_summary(tmp_path, capsys):
+    logs, ret = make_logs(28), make_logs(29)
+    (tmp_path / "EVAL.json").write_text(json.dumps(eval_json(logs, QS, AS)))
+    write_logs(tmp_path / "retain", templated(ret, "llama2", QS, AS))
+    assert main(["eval", "aggregate", str(tmp_path / "EVAL.json"), "--retain-log", str(tmp_path / "retain"),
+                 "--out", str(tmp_path / "o")]) == 0
+    s = json.loads((tmp_path / "o" / "SUMMARY.json").read_text())
+    assert s["retain_log_match"] == "question" and s["forget_quality"] is not None
+    assert "matched by question" in capsys.readouterr().out
+    assert main(["eval", "aggregate", str(tmp_path / "EVAL.json"), "--out", str(tmp_path / "o2")]) == 0
+    s = json.loads((tmp_path / "o2" / "SUMMARY.json").read_text())
+    assert s["retain_log_match"] is None and s["null_reasons"]["retain_log_match"]
+
+
+# ---- output folder rules ------------------------------------------------------------------------------------------
+
+def test_aggregate_out_folder_rules(tmp_path, capsys):
+    logs = make_logs(30)
+    m = write_logs(tmp_path / "m", logs)
+    out = tmp_path / "o"
+    assert main(["eval", "aggregate", str(m), "--out", str(out)]) == 0
+    marker = json.loads((out / ".unlearnkit.json").read_text())
+    assert marker["kind"] == "eval aggregate" and marker["files"] == ["SUMMARY.json"]
+    assert main(["eval", "aggregate", str(m), str(m / "eval_log_forget.json"), "--out", str(out)]) == 0  # ours: rerun
+    assert sorted(p.name for p in out.iterdir()) == [".unlearnkit.json", "0_m", "1_eval_log_forget"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert "not empty" in _run_err(["eval", "aggregate", str(m), "--out", str(foreign)], capsys)
+    assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+    # an output equal to, inside or around an input log
+    assert "is the input" in _run_err(["eval", "aggregate", str(m), "--out", str(m)], capsys)
+    assert "inside" in _run_err(["eval", "aggregate", str(m), "--out", str(m / "agg")], capsys)
+    r = write_logs(tmp_path / "wrap" / "r", make_logs(31))
+    assert "contains" in _run_err(["eval", "aggregate", str(m), "--retain-log", str(r), "--out",
+                                   str(tmp_path / "wrap")], capsys)
+    assert not (m / "agg").exists() and sorted(p.name for p in m.iterdir()) == sorted(FILES.values())
+    (out / "stray.txt").write_text("x")  # our folder, but with a file we did not write
+    assert "stray.txt" in _run_err(["eval", "aggregate", str(m), "--out", str(out)], capsys)

@@ -88,6 +88,37 @@ def test_extraction_strength_and_exact_memorisation():
     assert M.extraction_strength([True, True]) == 1.0 and M.extraction_strength([True, False]) == 0.0
 
 
+def _es_naive_unlearnkit(m):
+    """Definition: k* = the shortest prefix after which every argmax matches, over 0..L (k* = L when the last
+    token misses)."""
+    n = len(m)
+    return 1 - min(k for k in range(n + 1) if all(m[k:])) / n
+
+
+def _es_naive_open_unlearning(m):
+    """open-unlearning's loop: the first k in 0..L-1 whose suffix matches, else the loop's last k (L-1)."""
+    n = len(m)
+    for k in range(n):
+        if all(m[k:]):
+            break
+    return 1 - k / n
+
+
+def test_extraction_strength_conventions_against_naive():
+    cases = [rng.random(rng.integers(1, 12)) < 0.6 for _ in range(200)]
+    cases += [np.array(c, bool) for c in ([False], [True], [True, False], [False, True], [True, True, False])]
+    for m in cases:
+        assert M.extraction_strength(m, "unlearnkit") == pytest.approx(_es_naive_unlearnkit(m))
+        assert M.extraction_strength(m, "open-unlearning") == pytest.approx(_es_naive_open_unlearning(m))
+        if not m[-1]:  # the documented difference: a missed last token is 0 here, 1/L there
+            assert M.extraction_strength(m) == 0.0
+            assert M.extraction_strength(m, "open-unlearning") == pytest.approx(1 / len(m))
+        else:
+            assert M.extraction_strength(m) == M.extraction_strength(m, "open-unlearning")
+    with pytest.raises(ValueError, match="open-unlearning"):
+        M.extraction_strength([True], "other")
+
+
 def test_mia_scores():
     logp = rng.uniform(-6, 0, 11)
     assert M.mia_loss(logp) == pytest.approx(-sum(logp) / 11)

@@ -111,3 +111,115 @@ def test_cli_mcq_and_muse(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "mcq", "--model", str(tiny_model_dir), "--data", str(tmp_path / "none.json"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "none.json: no such file" in capsys.readouterr().err
+
+
+# ---- one evaluator signature; retain references; up-front checks ---------------------------------------------------
+
+def test_evaluators_share_one_signature():
+    import inspect
+
+    from unlearnkit.eval import evaluate_tofu
+
+    for fn in (evaluate_tofu, evaluate_muse, evaluate_mcq):
+        params = inspect.signature(fn).parameters
+        assert list(params)[:3] == ["model", "tokenizer", "data"], fn.__name__
+        for name, default in (("guard", None), ("retain_reference", None), ("batch_size", 32), ("progress", True)):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default == default, \
+                (fn.__name__, name)
+
+
+def test_mcq_retain_reference_used_or_refused(tiny_model, tokenizer, make_tiny_model, tmp_path):
+    from unlearnkit.eval import write_eval
+
+    items = load_mcq(FIX / "mcq" / "biology.jsonl")
+    retain = evaluate_mcq(make_tiny_model(seed=3), tokenizer, items, progress=False)
+    write_eval(tmp_path / "retain", retain)
+    for ref in (retain, tmp_path / "retain", tmp_path / "retain" / "EVAL.json"):
+        ev = evaluate_mcq(tiny_model, tokenizer, items, retain_reference=ref, progress=False)
+        s = ev["summary"]
+        assert s["retain_accuracy"] == retain["summary"]["accuracy"]
+        assert s["accuracy_minus_retain"] == pytest.approx(s["accuracy"] - retain["summary"]["accuracy"])
+    tofu_like = {"split": "mini", "sets": {"forget": {}}, "summary": {"forget_prob": 0.5}}
+    with pytest.raises(UserError, match="not usable for multiple choice.*no 'accuracy'"):
+        evaluate_mcq(tiny_model, tokenizer, items, retain_reference=tofu_like, progress=False)
+    with pytest.raises(UserError, match="not usable for multiple choice.*questions"):
+        evaluate_mcq(tiny_model, tokenizer, items[:2], retain_reference=retain, progress=False)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import unlearnkit.models
+
+    def refuse(*a, **k):
+        raise AssertionError("model weights were loaded before the input was checked")
+
+    monkeypatch.setattr(unlearnkit.models, "load_model", refuse)
+
+
+def _err(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("unlearnkit: error:") and "\n" not in err, (code, err)
+    return err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch-size"),
+    (["--max-new-tokens-verbmem", "0"], "--max-new-tokens-verbmem"),
+    (["--max-new-tokens-knowmem", "-2"], "--max-new-tokens-knowmem"),
+    (["--verbmem-prompt-tokens", "0"], "--verbmem-prompt-tokens"),
+    (["--max-new-tokens-verbmem", "100000000"], "context of 512 tokens"),
+    (["--max-new-tokens-knowmem", "600"], "knowmem/"),
+])
+def test_muse_bad_numbers_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_model_load, extra, needle):
+    args = ["eval", "muse", "--model", str(tiny_model_dir), "--data", str(FIX / "muse"), "--device", "cpu",
+            "--out", str(tmp_path / "o"), *extra]
+    assert needle in _err(args, capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch-size")])
+def test_mcq_bad_numbers_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_model_load, extra, needle):
+    args = ["eval", "mcq", "--model", str(tiny_model_dir), "--data", str(FIX / "mcq" / "biology.jsonl"),
+            "--device", "cpu", "--out", str(tmp_path / "o"), *extra]
+    assert needle in _err(args, capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_muse_mcq_out_folder_rules(tiny_model_dir, tmp_path, capsys, no_model_load):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "biology.jsonl").write_text((FIX / "mcq" / "biology.jsonl").read_text())
+    mcq = ["eval", "mcq", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(data / "biology.jsonl")]
+    assert "contains the input" in _err(mcq + ["--out", str(data)], capsys)
+    assert "inside the input" in _err(mcq + ["--out", str(tiny_model_dir / "mcq")], capsys)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "a.txt").write_text("x")
+    assert "not empty" in _err(mcq + ["--out", str(foreign)], capsys)
+    muse = ["eval", "muse", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(FIX / "muse")]
+    assert "inside the input" in _err(muse + ["--out", str(FIX / "muse" / "out")], capsys)
+    assert "not empty" in _err(muse + ["--out", str(foreign)], capsys)
+    assert not (tiny_model_dir / "mcq").exists() and not (FIX / "muse" / "out").exists()
+    # an unusable retain log is refused before loading, saying why
+    (tmp_path / "ref.json").write_text(json.dumps({"summary": {"forget_prob": 0.3}}))
+    assert "not usable for multiple choice" in _err(mcq + ["--retain-log", str(tmp_path / "ref.json"), "--out",
+                                                           str(tmp_path / "o")], capsys)
+
+
+def test_cli_mcq_rerun_quiet_and_marker(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "mcq"
+    args = ["eval", "mcq", "--model", str(tiny_model_dir), "--data", str(FIX / "mcq" / "biology.jsonl"),
+            "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main(args) == 0 and main(args) == 0  # the second run replaces our own earlier output
+    marker = json.loads((out / ".unlearnkit.json").read_text())
+    assert marker["kind"] == "eval mcq" and marker["files"] == ["EVAL.json", "SUMMARY.json"]
+    assert "eval mcq" not in capsys.readouterr().err  # --quiet: no progress bar
+    muse_out = tmp_path / "muse"
+    assert main(["eval", "muse", "--model", str(tiny_model_dir), "--data", str(FIX / "muse"), "--out", str(muse_out),
+                 "--max-new-tokens-verbmem", "2", "--max-new-tokens-knowmem", "2", "--device", "cpu", "--quiet"]) == 0
+    assert json.loads((muse_out / ".unlearnkit.json").read_text())["kind"] == "eval muse"
+    # an mcq folder is not a muse folder
+    assert "`eval mcq`" in _err(["eval", "muse", "--model", str(tiny_model_dir), "--data", str(FIX / "muse"),
+                                 "--out", str(out), "--device", "cpu"], capsys)

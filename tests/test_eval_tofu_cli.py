@@ -59,3 +59,155 @@ def test_real_model_generation_and_probabilities(real_model):
     for name in ref:
         np.testing.assert_allclose(ev["sets"][name]["avg_gt_loss"], ref[name]["avg_gt_loss"], rtol=1e-4, atol=1e-4)
         assert ev["sets"][name]["generated_text"] == ref[name]["generated_text"]
+
+
+# ---- up-front checks: nothing is loaded, nothing written ----------------------------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command gets as far as loading model weights."""
+    import unlearnkit.models
+
+    def refuse(*a, **k):
+        raise AssertionError("model weights were loaded before the input was checked")
+
+    monkeypatch.setattr(unlearnkit.models, "load_model", refuse)
+
+
+def _err(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("unlearnkit: error:") and "\n" not in err, (code, err)
+    return err
+
+
+def _fake_model(folder):
+    """A model folder as far as the cheap checks go (config + a weights file); loading it would fail."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_text("")
+    return folder
+
+
+def _tofu(model, out, *extra):
+    return ["eval", "tofu", "--model", str(model), "--limit", "1", "--max-new-tokens", "2", "--quiet",
+            "--device", "cpu", "--out", str(out), *extra]
+
+
+def test_eval_tofu_out_folder_refused_before_loading(tmp_path, capsys, no_model_load):
+    model = _fake_model(tmp_path / "model")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    assert "not empty" in _err(_tofu(model, foreign), capsys)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    assert "is the input" in _err(_tofu(model, model), capsys)
+    assert "inside the input" in _err(_tofu(model, model / "eval"), capsys)
+    assert "contains the input" in _err(_tofu(model, tmp_path), capsys)
+    retain = _fake_model(tmp_path / "retain_model")
+    assert "retain_model" in _err(_tofu(model, retain / "eval", "--retain-model", str(retain)), capsys)
+    log = tmp_path / "logs" / "EVAL.json"
+    log.parent.mkdir()
+    log.write_text("{}")
+    assert "contains the input" in _err(_tofu(model, tmp_path / "logs", "--retain-log", str(log)), capsys)
+    holdout = tmp_path / "h" / "holdout.json"
+    holdout.parent.mkdir()
+    holdout.write_text("[]")
+    assert "contains the input" in _err(_tofu(model, holdout.parent, "--holdout", str(holdout)), capsys)
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+    # a folder written by another command
+    agg = tmp_path / "agg"
+    agg.mkdir()
+    (agg / ".unlearnkit.json").write_text(json.dumps({"kind": "eval aggregate", "files": ["SUMMARY.json"]}))
+    (agg / "SUMMARY.json").write_text("{}")
+    assert "`eval aggregate`" in _err(_tofu(model, agg), capsys)
+
+
+def test_eval_tofu_rerun_into_own_folder_and_marker_lists_retain(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _tofu(tiny_model_dir, out, "--retain-model", str(tiny_model_dir), "--no-generate")
+    assert main(args) == 0
+    marker = json.loads((out / ".unlearnkit.json").read_text())
+    assert marker["kind"] == "eval tofu" and marker["files"] == ["EVAL.json", "SUMMARY.json", "retain"]
+    first = json.loads((out / "SUMMARY.json").read_text())
+    assert main(args) == 0  # a previous output of the same command is replaced
+    assert json.loads((out / "SUMMARY.json").read_text())["forget_prob"] == first["forget_prob"]
+    assert sorted(p.name for p in out.iterdir()) == [".unlearnkit.json", "EVAL.json", "SUMMARY.json", "retain"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".unlearnkit-tmp")]  # no leftovers
+    # without --retain-model the folder holds no stale retain/ from the earlier run
+    assert main(_tofu(tiny_model_dir, out, "--no-generate")) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".unlearnkit.json", "EVAL.json", "SUMMARY.json"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch-size"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--max-length", "0"], "--max-length"),
+    (["--max-new-tokens", "100000000"], "context of 512 tokens"),  # the tiny model's max_position_embeddings
+    (["--max-new-tokens", "500"], "context of 512 tokens"),
+    (["--max-length", "20"], "--max-length 20"),
+])
+def test_eval_tofu_bad_numbers_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_model_load, extra,
+                                                      needle):
+    args = _tofu(tiny_model_dir, tmp_path / "o")
+    args[args.index("--limit"):args.index("--limit") + 4] = []  # drop the defaults given by _tofu
+    err = _err(args + extra, capsys)
+    assert needle in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_tofu_length_errors_name_set_and_row(tiny_model_dir, tmp_path, capsys, no_model_load):
+    err = _err(_tofu(tiny_model_dir, tmp_path / "o", "--max-length", "30"), capsys)
+    assert "TOFU forget set row" in err and "tokens, more than --max-length 30" in err
+    err = _err(_tofu(tiny_model_dir, tmp_path / "o", "--max-new-tokens", "505"), capsys)
+    assert "TOFU" in err and "set row" in err and "at most" in err
+    # the retain model is checked too, and named
+    err = _err(_tofu(tiny_model_dir, tmp_path / "o", "--retain-model", str(tiny_model_dir), "--max-length", "30"),
+               capsys)
+    assert err.startswith("unlearnkit: error: --retain-model")
+
+
+def test_max_length_and_context_in_the_api(tiny_model, tokenizer):
+    from unlearnkit.errors import UserError
+    from unlearnkit.eval import evaluate_tofu
+
+    with pytest.raises(UserError, match="more than --max-length 25"):
+        evaluate_tofu(tiny_model, tokenizer, "mini", max_length=25, progress=False)
+    with pytest.raises(UserError, match="context of 512 tokens"):
+        evaluate_tofu(tiny_model, tokenizer, "mini", max_new_tokens=10**8, progress=False)
+    with pytest.raises(UserError, match="batch_size"):
+        evaluate_tofu(tiny_model, tokenizer, "mini", batch_size=0, progress=False)
+    with pytest.raises(UserError, match="es-convention"):
+        evaluate_tofu(tiny_model, tokenizer, "mini", es_convention="other", progress=False)
+
+
+def test_bench_eval_rejects_negative_n(capsys, no_model_load):
+    assert "--n" in _err(["bench", "eval", "--n", "-5", "--device", "cpu"], capsys)
+    assert "--batch-size" in _err(["bench", "eval", "--batch-size", "0", "--device", "cpu"], capsys)
+
+
+# ---- extraction strength conventions through the evaluator --------------------------------------------------------
+
+def test_evaluate_tofu_es_conventions_against_naive(tiny_model, tokenizer):
+    """Per-sample ES under both conventions equals the definition applied to the teacher-forced argmax hits of an
+    independent forward (reference path), and the convention is recorded in EVAL and SUMMARY."""
+    from unlearnkit.data import tofu
+    from unlearnkit.eval import evaluate_tofu
+    from unlearnkit.eval.reference import _token_logprobs
+    from unlearnkit.data.format import PromptFormat
+
+    t = tofu.task("mini")
+    t = dataclasses.replace(t, forget=t.forget[:4], retain_eval=t.retain_eval[:2], real_authors=t.real_authors[:2],
+                            world_facts=t.world_facts[:2], holdout=[])
+    hits = _token_logprobs(tiny_model, tokenizer, [(r["question"], r["answer"]) for r in t.forget], PromptFormat(), 4)
+    assert any(not m[-1] for _, m, _ in hits)  # a missed last token: the case where the conventions differ
+    for convention in ("unlearnkit", "open-unlearning"):
+        ev = evaluate_tofu(tiny_model, tokenizer, t, generate=False, es_convention=convention, progress=False)
+        naive = []
+        for _, m, _ in hits:
+            n = len(m)
+            k = min(k for k in range(n + 1) if all(m[k:]))
+            naive.append(1 - (min(k, n - 1) if convention == "open-unlearning" else k) / n)
+        assert ev["sets"]["forget"]["es"] == pytest.approx(naive)
+        assert ev["settings"]["es_convention"] == ev["summary"]["es_convention"] == convention
+        assert ev["summary"]["forget_es"] == pytest.approx(sum(naive) / len(naive))

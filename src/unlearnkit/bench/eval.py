@@ -17,7 +17,7 @@ def add_command(bsub) -> None:
     p = bsub.add_parser("eval", help="our TOFU evaluation vs per-metric forwards (time)")
     p.add_argument("--model", default=None)
     p.add_argument("--split", default="mini")
-    p.add_argument("--n", type=int, default=20, help="rows per evaluation set (0 = all)")
+    p.add_argument("--n", type=int, default=20, help="rows per evaluation set (>= 0; 0 = all)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-generate", action="store_true", help="teacher-forced metrics only")
@@ -30,15 +30,24 @@ def run(args) -> int:
     import numpy as np
     import torch
 
+    from ..cli_common import check_model_args
     from ..data import tofu
     from ..eval import evaluate_tofu
     from ..eval.reference import evaluate_tofu_reference
     from ..data.format import encode_prompt, encode_qa
     from ..eval.generate import greedy_generate
+    from ..eval.limits import at_least
     from ..eval.logprobs import sequence_stats
-    from ..eval.tofu import _sequences, limit_task
+    from ..eval.tofu import eval_sequences, limit_task
+    from ..files import check_out_file
     from ..models import load_model
 
+    at_least(args.n, 0, "--n")
+    at_least(args.batch_size, 1, "--batch-size")
+    at_least(args.max_new_tokens, 1, "--max-new-tokens")
+    check_model_args(args, "model")
+    if args.json:
+        check_out_file(args.json, option="--json", key="speedup")
     task = limit_task(tofu.task(args.split), args.n)
     model, tokenizer = load_model(args.model, device=args.device)
     kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
@@ -57,7 +66,7 @@ def run(args) -> int:
                for s in ref)
     same_text = all(ours["sets"][s].get("generated_text") == ref[s].get("generated_text") for s in ref)
     sets = dict(task.eval_sets(), holdout=task.holdout)
-    examples = [encode_qa(tokenizer, q, a) for _, _, _, q, a in _sequences(sets)]
+    examples = [encode_qa(tokenizer, q, a) for _, _, _, q, a in eval_sequences(sets)]
     tf = {share: timed(lambda: sequence_stats(model, examples, batch_size=args.batch_size,
                                               pad_id=tokenizer.pad_token_id, share_prompts=share))
           for share in (True, False)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_f
 TOFU_FILES = {"eval_log_forget.json": "forget", "eval_log.json": "retain",
               "eval_real_author_wo_options.json": "real_authors", "eval_real_world_wo_options.json": "world_facts"}
 TOFU_AGGREGATED = "eval_log_aggregated.json"
-REQUIRED = ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall")
+REQUIRED = ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss")
+# Optional per-sample numbers: a log made without generation (--no-generate) has no ROUGE; its summary says so.
+OPTIONAL = ("rougeL_recall", "rouge1_recall", "avg_gt_prob")
 MIA_ATTACKS = ("loss", "zlib", "mink", "minkpp")
 PRIVLEAK_CONVENTION = ("MUSE: privleak = (AUC_model - AUC_retain) / AUC_retain * 100, AUC = P(loss-like score of "
                        "holdout > forget); > 0 under-unlearned (forget still looks like training data), "
@@ -58,7 +61,7 @@ def _tofu_set(raw: dict, source: str) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a JSON object of per-sample fields")
     out = {}
-    for field in REQUIRED + ("rouge1_recall", "generated_text", "avg_gt_prob"):
+    for field in REQUIRED + OPTIONAL + ("generated_text",):
         if field in raw:
             out[field] = _as_list(raw[field], source, field)
     if "generated_text" in out:  # TOFU stores [input, generation, ground truth] per sample
@@ -121,7 +124,7 @@ def _checked(ev: dict) -> dict:
             elif len(values) != n:
                 raise UserError(f"{src}: set {name!r}: field {field!r} has {len(values)} values but {first!r} "
                                 f"has {n}")
-            if field in REQUIRED or field.startswith(("mia_", "rouge")) or field in ("es", "em"):
+            if field in REQUIRED + OPTIONAL or field.startswith(("mia_", "rouge")) or field in ("es", "em"):
                 for i, v in enumerate(values):
                     for x in (v if isinstance(v, list) else [v]):
                         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
@@ -137,23 +140,80 @@ def _checked(ev: dict) -> dict:
 
 # ---- summary ------------------------------------------------------------------------------------------------------
 
-def _check_reference(ev: dict, ref: dict) -> None:
-    """The retain reference must be the same forget set: same split name (when both know it), length, questions."""
+# Prompt templates the original TOFU code (and forks of it) leave in the logged question (generated_text[i][0]):
+# Llama-2 "[INST] q [/INST]", Phi "Question: q\n" (or "Question: q\nAnswer:"), and chat templates that keep the
+# special tokens (ChatML, Llama-3, Gemma, Zephyr): the last user turn is the question.
+_INST = re.compile(r"^(?:<s>)?\s*\[INST\]\s*(?:<<SYS>>.*?<</SYS>>)?(.*?)\[/INST\]\s*$", re.S)
+_QA = re.compile(r"^Question:(.*?)(?:\n\s*Answer:?)?\s*$", re.S)
+_CHAT_USER = (re.compile(r"<\|im_start\|>user\s*(.*?)<\|im_end\|>", re.S),
+              re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>(.*?)<\|eot_id\|>", re.S),
+              re.compile(r"<start_of_turn>user(.*?)<end_of_turn>", re.S),
+              re.compile(r"<\|user\|>(.*?)(?:</s>|<\|assistant\|>)", re.S))
+# End-of-turn markers some logs keep at the end of the ground-truth answer.
+_ANSWER_END = re.compile(r"(?:\s*(?:</s>|<\|im_end\|>|<\|eot_id\|>|<end_of_turn>|<eos>|<\|endoftext\|>))+\s*$")
+MATCH_CONVENTION = ("retain log rows are matched to the evaluated model's forget rows by question (after stripping "
+                    "known prompt templates and whitespace); failing that by position when row counts and gold "
+                    "answers agree; with neither questions nor answers in one log, by row count alone")
+
+
+def _squash(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def strip_template(question: str) -> str:
+    """The bare question from a logged TOFU input: known prompt templates removed, whitespace collapsed."""
+    q = str(question).strip()
+    for pattern in _CHAT_USER:
+        turns = pattern.findall(q)
+        if turns:
+            return _squash(turns[-1])
+    for pattern in (_INST, _QA):
+        m = pattern.match(q)
+        if m:
+            return _squash(m.group(1))
+    return _squash(q)
+
+
+def _bare_answer(answer: str) -> str:
+    a = _ANSWER_END.sub("", str(answer)).strip()
+    return _squash(a[len("Answer:"):] if a.startswith("Answer:") else a)
+
+
+def match_reference(ev: dict, ref: dict) -> str | None:
+    """Check that the retain reference is of the same forget set and say how its rows were matched:
+    "question" (questions equal once prompt templates and whitespace are stripped), "position" (same row count and
+    the same gold answer row by row, questions not comparable), "count" (only the row count could be compared: one
+    log has neither questions nor answers). None when either log has no forget set. Else a one-line UserError."""
     if ev.get("split") and ref.get("split") and ev["split"] != ref["split"]:
         raise UserError(f"{ref['source']}: retain log is for split {ref['split']!r}, the evaluated model's log for "
                         f"{ev['split']!r}")
     f, rf = ev["sets"].get("forget"), ref["sets"].get("forget")
     if f is None or rf is None:
-        return
+        return None
     n, rn = len(f["avg_gt_loss"]), len(rf["avg_gt_loss"])
     if n != rn:
         raise UserError(f"{ref['source']}: retain log has {rn} forget samples, the evaluated model's log has {n} "
                         f"(different split?)")
     if "question" in f and "question" in rf:
-        for i, (a, b) in enumerate(zip(f["question"], rf["question"])):
-            if a.strip() != b.strip():
-                raise UserError(f"{ref['source']}: forget row {i} question differs from the evaluated model's log "
-                                f"(retain log from another split?): {b[:60]!r}")
+        bad = next((i for i, (a, b) in enumerate(zip(f["question"], rf["question"]))
+                    if strip_template(a) != strip_template(b)), None)
+        if bad is None:
+            return "question"
+    else:
+        bad = None
+    if "answer" in f and "answer" in rf:
+        wrong = next((i for i, (a, b) in enumerate(zip(f["answer"], rf["answer"]))
+                      if _bare_answer(a) != _bare_answer(b)), None)
+        if wrong is None:
+            return "position"
+        also = "" if bad is None else (f"; the questions differ too, first in row {bad}: "
+                                       f"{strip_template(rf['question'][bad])[:60]!r}")
+        raise UserError(f"{ref['source']}: forget row {wrong} gold answer differs from the evaluated model's log "
+                        f"(retain log from another split?): {_bare_answer(rf['answer'][wrong])[:60]!r}{also}")
+    if bad is not None:
+        raise UserError(f"{ref['source']}: forget row {bad} question differs from the evaluated model's log (retain "
+                        f"log from another split?): {_squash(rf['question'][bad])[:60]!r}")
+    return "count"
 
 
 def _set_summary(name: str, cols: dict, variant: str, out: dict, why: dict) -> None:
@@ -214,13 +274,13 @@ def summarize(ev: dict, ref: dict | None = None, variant: str = "tofu") -> dict:
     if missing:
         why["model_utility"] = f"needs {', '.join(missing)}"
     # Forget quality against the retain model.
-    out["forget_quality"] = None
+    out["forget_quality"] = out["retain_log_match"] = None
     if ref is None:
         why["forget_quality"] = "no retain reference (--retain-model or --retain-log)"
     elif "forget" not in sets or "forget" not in ref["sets"]:
         why["forget_quality"] = "forget set missing in the log or in the retain reference"
     else:
-        _check_reference(ev, ref)
+        out["retain_log_match"] = match_reference(ev, ref)
         f, rf = sets["forget"], ref["sets"]["forget"]
         r = M.truth_ratio(f["avg_paraphrased_loss"], f["average_perturb_loss"], variant)
         rr = M.truth_ratio(rf["avg_paraphrased_loss"], rf["average_perturb_loss"], variant)
@@ -244,6 +304,14 @@ def summarize(ev: dict, ref: dict | None = None, variant: str = "tofu") -> dict:
         out[key] = M.privleak(aucs[a], ref_aucs[a]) if a in aucs and a in ref_aucs else None
     out["privleak"] = out["privleak_mink"]  # MUSE reports PrivLeak with Min-K% Prob
     out["privleak_convention"] = PRIVLEAK_CONVENTION
+    if out["retain_log_match"] is None:
+        why["retain_log_match"] = why.get("forget_quality") or "no forget set in both logs"
+    else:
+        out["retain_log_match_convention"] = MATCH_CONVENTION
+    es = (ev.get("settings") or {}).get("es_convention")
+    if any(f"{PREFIX[n]}_es" in out for n in SETS):
+        # Per-sample ES is stored already computed: the convention is whatever the log was written with.
+        out["es_convention"] = es or ("unlearnkit" if ev.get("format") else "unknown (not recorded in the log)")
     if not aucs:
         why["mia_auc_loss"] = "no holdout set with MIA scores (TOFU mini has one; pass --holdout otherwise)"
     if out["privleak"] is None:
@@ -256,5 +324,5 @@ def aggregate(path, retain_log=None, variant: str = "tofu") -> dict:
     ev = load_log(path)
     ref = load_log(retain_log) if retain_log else None
     if ref is not None:
-        _check_reference(ev, ref)
+        match_reference(ev, ref)  # fail before any summary work
     return summarize(ev, ref, variant)

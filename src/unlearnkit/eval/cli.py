@@ -1,10 +1,21 @@
-"""`unlearnkit eval {tofu,muse,mcq,aggregate}`: thin wrappers over the Python API."""
+"""`unlearnkit eval {tofu,muse,mcq,aggregate}`: thin wrappers over the Python API.
+
+Every command checks all its input before any work starts (option ranges, model folders, output folder, data,
+retain log, sequence lengths against --max-length and the model's context, read from config.json with the tokenizer
+only), then writes its results into a temporary folder beside --out and publishes it whole (files.py rules)."""
 from __future__ import annotations
 
+import argparse
+import shutil
 from pathlib import Path
 
-from ..cli_common import add_format_args, add_model_args, prompt_format
+from ..cli_common import add_format_args, add_model_args, check_model_args, prompt_format
 from ..errors import UserError
+from ..files import check_out_dir, publish_dir, temp_dir_beside, write_json_atomic
+from .limits import at_least
+
+BATCH_SIZE = 32  # the evaluators' default too
+KIND = {"tofu": "eval tofu", "muse": "eval muse", "mcq": "eval mcq", "aggregate": "eval aggregate"}
 
 
 def add_commands(sub) -> None:
@@ -13,18 +24,22 @@ def add_commands(sub) -> None:
 
     t = esub.add_parser("tofu", help="TOFU metrics (forget quality, model utility, ROUGE, truth ratio, MIA)")
     add_model_args(t)
-    add_format_args(t)
+    add_format_args(t)  # --max-length: every question + answer must fit (else an error naming set and row)
     t.add_argument("--split", default="mini", help="forget01 | forget05 | forget10 | mini (default: mini)")
     ref = t.add_mutually_exclusive_group()
-    ref.add_argument("--retain-model", default=None, help="retain model folder: evaluated too, as the reference")
+    ref.add_argument("--retain-model", default=None, help="retain model folder: evaluated too, as the reference "
+                     "(its results go to OUT/retain)")
     ref.add_argument("--retain-log", default=None, help="retain model's EVAL.json or TOFU eval logs (file/folder)")
     t.add_argument("--holdout", default=None, help="QA file never trained on (JSON/JSONL/CSV) for MIA; "
                    "default: the split's own (mini has one)")
     _common(t)
     t.add_argument("--truth-ratio", default="tofu", choices=["tofu", "arith", "para_share"],
                    help="truth-ratio variant used in the headline numbers (all are reported)")
+    t.add_argument("--es-convention", default="unlearnkit", choices=["unlearnkit", "open-unlearning"],
+                   help="extraction strength when the last answer token misses: 0 (unlearnkit) or 1/L "
+                        "(open-unlearning's code); docs/evaluation.md")
     t.add_argument("--no-generate", action="store_true", help="skip generation (ROUGE and model utility null)")
-    t.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each set (quick runs)")
+    t.add_argument("--limit", type=int, default=None, help="evaluate only the first N (>= 1) rows of each set")
     t.set_defaults(func=run_tofu)
 
     m = esub.add_parser("muse", help="MUSE VerbMem / KnowMem (ROUGE-L F1) on MUSE-layout data")
@@ -33,8 +48,8 @@ def add_commands(sub) -> None:
     m.add_argument("--max-new-tokens-verbmem", type=int, default=128)
     m.add_argument("--max-new-tokens-knowmem", type=int, default=32)
     m.add_argument("--verbmem-prompt-tokens", type=int, default=None,
-                   help="cut VerbMem prompts to this many tokens (default: as given in the data)")
-    m.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each set")
+                   help="cut VerbMem prompts to their last N tokens (default: as given in the data)")
+    m.add_argument("--limit", type=int, default=None, help="evaluate only the first N (>= 1) items of each set")
     m.add_argument("--retain-log", default=None, help="retain model's MUSE EVAL.json (for PrivLeak)")
     _common(m, max_new=False)
     m.set_defaults(func=run_muse)
@@ -44,7 +59,9 @@ def add_commands(sub) -> None:
     q.add_argument("--data", required=True, nargs="+", help="JSON/JSONL/CSV files (one subject each, or a "
                    "'subject' field per row)")
     q.add_argument("--subject", default=None, help="subject named in the prompt (default: from file or row)")
-    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--limit", type=int, default=None, help="evaluate only the first N (>= 1) items")
+    q.add_argument("--retain-log", default=None, help="retain model's `eval mcq` EVAL.json on the same items "
+                   "(adds retain_accuracy, accuracy_minus_retain)")
     _common(q, max_new=False)
     q.set_defaults(func=run_mcq)
 
@@ -52,17 +69,41 @@ def add_commands(sub) -> None:
     a.add_argument("paths", nargs="+", metavar="EVAL_OR_TOFU_LOG", help="EVAL.json, TOFU log file or folder")
     a.add_argument("--retain-log", default=None, help="retain model's EVAL.json or TOFU logs (forget quality)")
     a.add_argument("--truth-ratio", default="tofu", choices=["tofu", "arith", "para_share"])
-    a.add_argument("--out", required=True, help="folder for SUMMARY.json")
+    a.add_argument("--out", required=True, help="folder for SUMMARY.json (new, empty, or an earlier "
+                   "`eval aggregate` output)")
     a.set_defaults(func=run_aggregate)
 
 
 def _common(p, max_new: bool = True) -> None:
-    p.add_argument("--out", required=True, help="run folder for EVAL.json and SUMMARY.json")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="run folder for EVAL.json and SUMMARY.json: new, empty, or an "
+                   "earlier output of the same command (replaced)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     if max_new:
-        p.add_argument("--max-new-tokens", type=int, default=200)
+        p.add_argument("--max-new-tokens", type=int, default=200,
+                       help="greedy answer length; the longest prompt + this must fit the model's context")
     p.add_argument("--eco", default=None, metavar="ART", help="evaluate behind an ECO guard artefact")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # old name
+
+
+def _inputs(*paths) -> list:
+    """The inputs an output folder must stay clear of: those that are paths here (hub ids are not)."""
+    return [p for p in paths if p and Path(p).expanduser().exists()]
+
+
+def _check_eco(args) -> None:
+    if args.eco and not Path(args.eco).expanduser().exists():
+        raise UserError(f"--eco {args.eco}: no such file or folder")
+
+
+def _context(args, option: str):
+    """(tokenizer, context length) of the model named by `option`, without loading its weights."""
+    from ..models import load_tokenizer
+    from .limits import model_context
+
+    path = getattr(args, option)
+    flag = "--" + option.replace("_", "-")
+    return load_tokenizer(path), model_context(path, args.trust_remote_code, flag)
 
 
 def _load(args, path):
@@ -79,77 +120,149 @@ def _guard(args, model, tokenizer):
     return EcoGuard.load(args.eco, model, tokenizer, device=str(next(model.parameters()).device))
 
 
+def _publish(out: Path, kind: str, write) -> None:
+    """Run `write(tmp)` into a temporary folder beside `out`, then publish it whole; on failure leave nothing."""
+    tmp = temp_dir_beside(out)
+    try:
+        write(tmp)
+        publish_dir(tmp, out, kind)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def run_tofu(args) -> int:
     from ..data import tofu
     from ..data.qa import load_qa
-    from .tofu import evaluate_tofu, limit_task, summary_table, write_eval
+    from .aggregate import load_log
+    from .tofu import check_lengths, check_options, evaluate_tofu, limit_task, summary_table, task_sets, write_eval
 
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise UserError("--batch-size and --max-new-tokens must be at least 1")
+    check_options(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                  truth_ratio=args.truth_ratio, es_convention=args.es_convention)
+    at_least(args.limit, 1, "--limit", none_ok=True)
+    check_model_args(args, "model", "retain_model")
+    out = check_out_dir(args.out, KIND["tofu"], inputs=_inputs(args.model, args.retain_model, args.retain_log,
+                                                                 args.holdout, args.eco))
+    _check_eco(args)
     fmt = prompt_format(args)
     holdout = load_qa(args.holdout) if args.holdout else None
-    task = limit_task(tofu.task(args.split), args.limit)
     holdout = holdout[:args.limit] if holdout and args.limit else holdout
-    kw = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-              holdout=holdout, truth_ratio=args.truth_ratio, generate=not args.no_generate)
-    out, rows = Path(args.out), {}
-    reference = args.retain_log
-    if args.retain_model:  # the retain model is evaluated without a guard: it is the reference
-        model, tok = _load(args, args.retain_model)
-        ev = evaluate_tofu(model, tok, task, **kw)
-        write_eval(out / "retain", ev)
-        rows["retain"], reference = ev["summary"], ev
-        del model
-    model, tok = _load(args, args.model)
-    ev = evaluate_tofu(model, tok, task, retain_reference=reference, guard=_guard(args, model, tok), **kw)
-    write_eval(out, ev)
-    rows = {"model": ev["summary"], **rows}
-    print(summary_table(rows))
-    print(f"wrote {out / 'EVAL.json'} and {out / 'SUMMARY.json'}")
+    task, sets = task_sets(limit_task(tofu.task(args.split), args.limit), holdout)
+    reference = load_log(args.retain_log) if args.retain_log else None
+    max_new = None if args.no_generate else args.max_new_tokens
+    for option in ("retain_model", "model") if args.retain_model else ("model",):
+        tok, context = _context(args, option)
+        try:
+            check_lengths(tok, sets, fmt, max_length=args.max_length, max_new_tokens=max_new, context=context)
+        except UserError as e:
+            if not args.retain_model:
+                raise
+            # two models, possibly two tokenizers and contexts: say which one
+            raise UserError(f"--{option.replace('_', '-')} {getattr(args, option) or '(default)'}: {e}") from e
+    kw = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+              progress=not args.quiet, holdout=holdout, truth_ratio=args.truth_ratio,
+              es_convention=args.es_convention, generate=not args.no_generate)
+    rows = {}
+
+    def write(tmp: Path) -> None:
+        nonlocal reference
+        if args.retain_model:  # the retain model is evaluated without a guard: it is the reference
+            model, tok = _load(args, args.retain_model)
+            ev = evaluate_tofu(model, tok, task, **kw)
+            write_eval(tmp / "retain", ev)
+            rows["retain"], reference = ev["summary"], ev
+            del model
+        model, tok = _load(args, args.model)
+        ev = evaluate_tofu(model, tok, task, retain_reference=reference, guard=_guard(args, model, tok), **kw)
+        write_eval(tmp, ev)
+        rows["model"] = ev["summary"]
+
+    _publish(out, KIND["tofu"], write)
+    print(summary_table({"model": rows["model"], **({"retain": rows["retain"]} if "retain" in rows else {})}))
+    print(f"wrote {out / 'EVAL.json'} and {out / 'SUMMARY.json'}" + (f" (retain model: {out / 'retain'})"
+                                                                        if args.retain_model else ""))
     return 0
 
 
 def run_aggregate(args) -> int:
     from .aggregate import aggregate
-    from .tofu import summary_table, write_json_atomic
+    from .tofu import summary_table
 
-    out, rows = Path(args.out), {}
+    out = check_out_dir(args.out, KIND["aggregate"], inputs=_inputs(*args.paths, args.retain_log))
     summaries = [(p, aggregate(p, args.retain_log, args.truth_ratio)) for p in args.paths]  # all checked first
-    for i, (p, s) in enumerate(summaries):
-        folder = out if len(summaries) == 1 else out / f"{i}_{Path(p).stem}"
-        write_json_atomic(folder / "SUMMARY.json", s)
-        rows[Path(p).name or str(p)] = s
+    rows = {}
+
+    def write(tmp: Path) -> None:
+        for i, (p, s) in enumerate(summaries):
+            folder = tmp if len(summaries) == 1 else tmp / f"{i}_{Path(p).stem}"
+            write_json_atomic(folder / "SUMMARY.json", s)
+            rows[Path(p).name or str(p)] = s
+
+    _publish(out, KIND["aggregate"], write)
     print(summary_table(rows))
+    match = {s.get("retain_log_match") for _, s in summaries} - {None}
+    if match:
+        print(f"retain log matched by {', '.join(sorted(match))} (SUMMARY.json: retain_log_match)")
     print(f"wrote SUMMARY.json under {out}")
     return 0
 
 
 def run_muse(args) -> int:
-    from .muse import evaluate_muse, load_muse
+    from .muse import check_lengths, check_options, evaluate_muse, load_muse, reference_summary
     from .tofu import write_eval
 
+    check_options(batch_size=args.batch_size, verbmem_tokens=args.max_new_tokens_verbmem,
+                  knowmem_tokens=args.max_new_tokens_knowmem, verbmem_prompt_tokens=args.verbmem_prompt_tokens)
+    at_least(args.limit, 1, "--limit", none_ok=True)
+    check_model_args(args, "model")
+    out = check_out_dir(args.out, KIND["muse"], inputs=_inputs(args.model, args.data, args.retain_log, args.eco))
+    _check_eco(args)
     data = load_muse(args.data, limit=args.limit)
-    model, tok = _load(args, args.model)
-    ev = evaluate_muse(model, tok, data, batch_size=args.batch_size, guard=_guard(args, model, tok),
-                       verbmem_tokens=args.max_new_tokens_verbmem, knowmem_tokens=args.max_new_tokens_knowmem,
-                       verbmem_prompt_tokens=args.verbmem_prompt_tokens, retain_reference=args.retain_log,
-                       progress=not args.no_progress)
-    write_eval(args.out, ev)
-    _print_summary(ev["summary"])
+    reference_summary(args.retain_log)
+    tok, context = _context(args, "model")
+    check_lengths(tok, data, verbmem_tokens=args.max_new_tokens_verbmem, knowmem_tokens=args.max_new_tokens_knowmem,
+                  verbmem_prompt_tokens=args.verbmem_prompt_tokens, context=context)
+    evs = {}
+
+    def write(tmp: Path) -> None:
+        model, tok = _load(args, args.model)
+        evs["model"] = evaluate_muse(model, tok, data, guard=_guard(args, model, tok),
+                                     retain_reference=args.retain_log, batch_size=args.batch_size,
+                                     progress=not args.quiet, verbmem_tokens=args.max_new_tokens_verbmem,
+                                     knowmem_tokens=args.max_new_tokens_knowmem,
+                                     verbmem_prompt_tokens=args.verbmem_prompt_tokens)
+        write_eval(tmp, evs["model"])
+
+    _publish(out, KIND["muse"], write)
+    _print_summary(evs["model"]["summary"])
     return 0
 
 
 def run_mcq(args) -> int:
-    from .mcq import evaluate_mcq, load_mcq
+    from .mcq import check_lengths, evaluate_mcq, load_mcq, reference_accuracy
     from .tofu import write_eval
 
+    at_least(args.batch_size, 1, "--batch-size")
+    at_least(args.limit, 1, "--limit", none_ok=True)
+    check_model_args(args, "model")
+    out = check_out_dir(args.out, KIND["mcq"], inputs=_inputs(args.model, *args.data, args.retain_log, args.eco))
+    _check_eco(args)
     items = [row for path in args.data for row in load_mcq(path, subject=args.subject)]
     items = items[:args.limit] if args.limit else items
-    model, tok = _load(args, args.model)
-    ev = evaluate_mcq(model, tok, items, batch_size=args.batch_size, guard=_guard(args, model, tok),
-                      progress=not args.no_progress)
-    write_eval(args.out, ev)
-    _print_summary(ev["summary"])
+    reference_accuracy(args.retain_log, items)
+    tok, context = _context(args, "model")
+    check_lengths(tok, items, context=context)
+    evs = {}
+
+    def write(tmp: Path) -> None:
+        model, tok = _load(args, args.model)
+        evs["model"] = evaluate_mcq(model, tok, items, guard=_guard(args, model, tok),
+                                    retain_reference=args.retain_log, batch_size=args.batch_size,
+                                    progress=not args.quiet)
+        write_eval(tmp, evs["model"])
+
+    _publish(out, KIND["mcq"], write)
+    _print_summary(evs["model"]["summary"])
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 
 from ..data.batching import collate
 from ..errors import UserError
+from .limits import at_least, check_sequences, context_length
 from .logprobs import prompt_mask, sequence_stats
 
 LETTERS = "ABCDEFGHIJ"
@@ -68,12 +69,13 @@ def load_mcq(path, subject: str | None = None) -> list[dict]:
         if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(choices):
             raise UserError(f"{path}: row {i}: field 'answer' {r.get('answer')!r} is not a valid choice index/letter")
         rows.append({"question": q, "choices": choices, "answer": ans,
-                     "subject": subject or r.get("subject") or default_subject})
+                     "subject": subject or r.get("subject") or default_subject, "source": f"{path} row {i}"})
     return rows
 
 
 @torch.no_grad()
-def _letter_logprobs(model, tokenizer, prompts, n_choices, batch_size, guard, continuation: bool = False):
+def _letter_logprobs(model, tokenizer, prompts, n_choices, batch_size, guard, continuation: bool = False,
+                     progress=None):
     """[N, n_choices] log p(" X" | prompt)."""
     enc = lambda t: tokenizer(t, add_special_tokens=True)["input_ids"]
     letter_ids = [tokenizer(f" {LETTERS[j]}", add_special_tokens=False)["input_ids"] for j in range(max(n_choices))]
@@ -96,6 +98,8 @@ def _letter_logprobs(model, tokenizer, prompts, n_choices, batch_size, guard, co
             lp = torch.log_softmax(logits.float(), -1)[:, cands.to(device)].cpu().numpy()
             for r, i in enumerate(idx):
                 out[i, :n_choices[i]] = lp[r, :n_choices[i]]
+            if progress is not None:
+                progress.update(len(idx))
         return out
     exs, where, texts = [], [], []
     for i, p in enumerate(prompts):
@@ -108,24 +112,79 @@ def _letter_logprobs(model, tokenizer, prompts, n_choices, batch_size, guard, co
                            guard=guard)
     for (i, j), st in zip(where, stats):
         out[i, j] = st.logp.sum()
+    if progress is not None:
+        progress.update(len(prompts))
     return out
 
 
-def evaluate_mcq(model, tokenizer, items: list[dict], *, batch_size: int = 16, guard=None,
+def check_lengths(tokenizer, items: list[dict], *, context: int | None) -> None:
+    """Before loading weights: every prompt + its longest answer letter fits the model's context."""
+    if not context:
+        return
+    enc = lambda t: tokenizer(t, add_special_tokens=True)["input_ids"]
+    letter = max(len(tokenizer(f" {x}", add_special_tokens=False)["input_ids"]) for x in LETTERS)
+    lengths = [len(enc(mcq_prompt(it["subject"], it["question"], it["choices"]))) + letter for it in items]
+    check_sequences(lengths, lambda i: items[i].get("source") or f"multiple choice item {i}", max_length=None,
+                    context=context, what="prompt + answer letter")
+
+
+def reference_accuracy(retain_reference, items: list[dict]) -> dict | None:
+    """The retain model's multiple-choice EVAL (dict or path to its EVAL.json / run folder), checked to be usable:
+    its summary has an accuracy and, when it lists its questions, they are these items'."""
+    if retain_reference is None:
+        return None
+    ref, where = retain_reference, "retain_reference"
+    if isinstance(ref, (str, Path)):
+        p = Path(ref)
+        p = p / "EVAL.json" if p.is_dir() else p
+        where = f"--retain-log {p}"
+        try:
+            ref = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{where}: not a readable multiple-choice EVAL.json ({str(e).splitlines()[0]})") from e
+    summary = ref.get("summary", ref) if isinstance(ref, dict) else None
+    acc = summary.get("accuracy") if isinstance(summary, dict) else None
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not np.isfinite(acc):
+        raise UserError(f"{where}: not usable for multiple choice: it has no 'accuracy' in its summary (the retain "
+                        "reference must be the retain model's `eval mcq` EVAL.json on the same items)")
+    questions = ((ref.get("sets") or {}).get("mcq") or {}).get("question") if isinstance(ref, dict) else None
+    if questions is not None and [" ".join(str(q).split()) for q in questions] != \
+            [" ".join(it["question"].split()) for it in items]:
+        raise UserError(f"{where}: not usable for multiple choice: its {len(questions)} questions are not the "
+                        f"{len(items)} evaluated here (other files, order or --limit?)")
+    return summary
+
+
+def evaluate_mcq(model, tokenizer, data: list[dict], *, guard=None, retain_reference=None, batch_size: int = 32,
                  progress: bool = True) -> dict:
-    """Accuracy overall and per subject; per-item prediction and letter log-likelihoods in the EVAL dict."""
+    """Accuracy overall and per subject; per-item prediction and letter log-likelihoods in the EVAL dict.
+
+    data: rows from load_mcq. retain_reference: the retain model's `eval mcq` EVAL (dict or path) on the same items;
+    adds retain_accuracy and accuracy_minus_retain to the summary. A reference without an accuracy, or of other
+    questions, is an error saying so."""
+    from tqdm.auto import tqdm
+
+    items = data
+    at_least(batch_size, 1, "batch_size")
     if not items:
         raise UserError("multiple choice: no items")
+    ref = reference_accuracy(retain_reference, items)
+    check_lengths(tokenizer, items, context=context_length(getattr(model, "config", None)))
     prompts = [mcq_prompt(it["subject"], it["question"], it["choices"]) for it in items]
-    lp = _letter_logprobs(model, tokenizer, prompts, [len(it["choices"]) for it in items], batch_size, guard)
+    with tqdm(total=len(items), desc="eval mcq", disable=not progress) as bar:
+        lp = _letter_logprobs(model, tokenizer, prompts, [len(it["choices"]) for it in items], batch_size, guard,
+                              progress=bar)
     pred = lp.argmax(-1)
     correct = [int(p == it["answer"]) for p, it in zip(pred, items)]
     summary = {"accuracy": float(np.mean(correct)), "n": len(items)}
     for subj in sorted({it["subject"] for it in items}):
         sel = [c for c, it in zip(correct, items) if it["subject"] == subj]
         summary[f"accuracy/{subj}"] = float(np.mean(sel))
+    if ref is not None:
+        summary["retain_accuracy"] = float(ref["accuracy"])
+        summary["accuracy_minus_retain"] = summary["accuracy"] - summary["retain_accuracy"]
     sets = {"mcq": {"subject": [it["subject"] for it in items], "question": [it["question"] for it in items],
                     "answer": [it["answer"] for it in items], "prediction": [int(p) for p in pred],
                     "correct": correct, "letter_logprobs": [row[np.isfinite(row)].tolist() for row in lp]}}
-    return {"format": "unlearnkit-eval-mcq/1", "settings": {"guard": guard is not None}, "sets": sets,
-            "summary": summary}
+    return {"format": "unlearnkit-eval-mcq/1", "settings": {"batch_size": batch_size, "guard": guard is not None},
+            "sets": sets, "summary": summary}

@@ -79,14 +79,24 @@ def exact_memorisation(match) -> float:
     return float(np.asarray(match, dtype=np.float64).mean())
 
 
-def extraction_strength(match) -> float:
-    """1 - k*/L with k* the shortest prefix after which every teacher-forced argmax matches (k* = L: nothing
-    extracted, ES = 0; k* = 0: the whole answer is reproduced, ES = 1)."""
+ES_CONVENTIONS = ("unlearnkit", "open-unlearning")
+
+
+def extraction_strength(match, convention: str = "unlearnkit") -> float:
+    """1 - k*/L with k* the shortest prefix after which every teacher-forced argmax matches.
+
+    convention="unlearnkit": k* ranges over 0..L (k* = L, the empty suffix, when the last token misses: ES = 0;
+    k* = 0: the whole answer is reproduced, ES = 1). convention="open-unlearning": k* ranges over 0..L-1 as in
+    open-unlearning's loop, so a missed last token scores 1/L, the same as matching only the last token."""
+    if convention not in ES_CONVENTIONS:
+        raise ValueError(f"unknown ES convention {convention!r}; choose one of {', '.join(ES_CONVENTIONS)}")
     m = np.asarray(match, dtype=bool)
     n = len(m)
     k = n
     while k > 0 and m[k - 1]:
         k -= 1
+    if convention == "open-unlearning":
+        k = min(k, n - 1)
     return 1.0 - k / n
 
 

@@ -3,24 +3,23 @@ sequences of all sets, plus one pooled batched greedy generation. Per-sample val
 EVAL.json doubles as a TOFU-style log (eval aggregate / forget-quality reference)."""
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 from pathlib import Path
 
 from ..data import tofu as tofu_data
 from ..data.format import PromptFormat, encode_prompt, encode_qa, prompt_text
 from ..errors import UserError
+from ..files import write_json_atomic
 from . import metrics as M
-from .aggregate import SETS, load_log, summarize
+from .aggregate import SETS, load_log, match_reference, summarize
 from .generate import greedy_generate
+from .limits import at_least, check_generation, check_sequences, context_length
 from .logprobs import sequence_stats
 
 FORMAT = "unlearnkit-eval/1"
+ROLE_NAMES = {"gt": "answer", "para": "paraphrased answer"}
 
 
-def _sequences(sets: dict[str, list[dict]]):
+def eval_sequences(sets: dict[str, list[dict]]):
     """All (set, row, role, question, answer) to score. role: gt | para | pert j. real_authors/world_facts have no
     paraphrase: their truth ratio uses the original answer (TOFU), i.e. the gt sequence."""
     for name, rows in sets.items():
@@ -46,29 +45,10 @@ def _check_rows(sets: dict[str, list[dict]]) -> None:
                 raise UserError(f"TOFU {name} set: row {row.get('index', i)}: 'perturbed_answer' is not a list")
 
 
-def _load_reference(retain_reference):
-    if retain_reference is None:
-        return None
-    if isinstance(retain_reference, dict):
-        if "sets" not in retain_reference:
-            raise UserError("retain_reference: expected an EVAL dict (with 'sets')")
-        return {"source": "retain_reference", **retain_reference}
-    return load_log(retain_reference)
-
-
-def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(), retain_reference=None,
-                  batch_size: int = 32, max_new_tokens: int = 200, guard=None, progress: bool = True,
-                  holdout: list[dict] | None = None, truth_ratio: str = "tofu", generate: bool = True,
-                  only_sets: tuple[str, ...] | None = None) -> dict:
-    """Evaluate one model on a TOFU split. Returns the EVAL dict (per-sample values + "summary").
-
-    task: a TofuTask or a split name. retain_reference: the retain model's EVAL dict or a path to its EVAL.json /
-    TOFU logs (for forget quality, Reference MIA and PrivLeak). holdout: QA rows never trained on (MIA); default the
-    task's holdout (mini has one). generate=False skips generation (ROUGE becomes null).
-    """
-    from tqdm.auto import tqdm
-
-    task = tofu_data.task(task) if isinstance(task, str) else task
+def task_sets(data, holdout: list[dict] | None = None, only_sets: tuple[str, ...] | None = None):
+    """(task, {set name: rows}) for a TofuTask or split name, with the holdout set (default: the task's own) and
+    only the sets asked for; rows checked."""
+    task = tofu_data.task(data) if isinstance(data, str) else data
     sets = dict(task.eval_sets())
     holdout = task.holdout if holdout is None else holdout
     if holdout:
@@ -79,23 +59,104 @@ def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(),
             raise UserError(f"only_sets: unknown or empty set(s) {sorted(unknown)}; available: {sorted(sets)}")
         sets = {name: rows for name, rows in sets.items() if name in only_sets}
     _check_rows(sets)
-    ref = _load_reference(retain_reference)
+    return task, sets
 
-    seqs = list(_sequences(sets))
+
+def _encode(tokenizer, sets, fmt, generate: bool):
+    """Token ids of every teacher-forced sequence and of every generation prompt (the one tokenisation)."""
+    seqs = list(eval_sequences(sets))
     examples = [encode_qa(tokenizer, q, a, fmt) for _, _, _, q, a in seqs]
+    gen_rows = [(name, i) for name in SETS if name in sets for i in range(len(sets[name]))] if generate else []
+    gen_ids = [encode_prompt(tokenizer, sets[n][i]["question"], fmt) for n, i in gen_rows]
+    return seqs, examples, gen_rows, gen_ids
+
+
+def _check_encoded(sets, seqs, examples, gen_rows, gen_ids, *, max_length, max_new_tokens, context) -> None:
+    def row(name, i):
+        return f"TOFU {name} set row {sets[name][i].get('index', i)}"
+
+    def seq(k):
+        name, i, role, _, _ = seqs[k]
+        return f"{row(name, i)} ({ROLE_NAMES.get(role) or f'perturbed answer {role[1]}'})"
+
+    check_sequences([len(e["input_ids"]) for e in examples], seq, max_length=max_length, context=context,
+                    what="question + answer")
+    check_generation([len(x) for x in gen_ids], lambda k: row(*gen_rows[k]), max_new_tokens=max_new_tokens,
+                     context=context)
+
+
+def check_lengths(tokenizer, sets: dict, fmt: PromptFormat = PromptFormat(), *, max_length: int | None = None,
+                  max_new_tokens: int | None = None, context: int | None = None) -> None:
+    """Before loading weights: every question + answer fits max_length and the context, and (when generating,
+    max_new_tokens given) every prompt + max_new_tokens fits the context. One-line error naming set and row."""
+    seqs, examples, gen_rows, gen_ids = _encode(tokenizer, sets, fmt, max_new_tokens is not None)
+    _check_encoded(sets, seqs, examples, gen_rows, gen_ids, max_length=max_length, max_new_tokens=max_new_tokens or 0,
+                   context=context)
+
+
+def _load_reference(retain_reference):
+    if retain_reference is None:
+        return None
+    if isinstance(retain_reference, dict):
+        if "sets" not in retain_reference:
+            raise UserError("retain_reference: expected an EVAL dict (with 'sets')")
+        return {"source": "retain_reference", **retain_reference}
+    return load_log(retain_reference)
+
+
+def check_options(*, batch_size, max_new_tokens=None, max_length=None, truth_ratio="tofu",
+                  es_convention="unlearnkit") -> None:
+    """Ranges and choices of evaluate_tofu's options (also run by the CLI before loading anything)."""
+    at_least(batch_size, 1, "batch_size")
+    at_least(max_new_tokens, 1, "max_new_tokens", none_ok=True)
+    at_least(max_length, 2, "max_length", none_ok=True)
+    if truth_ratio not in M.TRUTH_RATIO_VARIANTS:
+        raise UserError(f"--truth-ratio: unknown value {truth_ratio!r}; choose one of "
+                        f"{', '.join(M.TRUTH_RATIO_VARIANTS)}")
+    if es_convention not in M.ES_CONVENTIONS:
+        raise UserError(f"--es-convention: unknown value {es_convention!r}; choose one of "
+                        f"{', '.join(M.ES_CONVENTIONS)}")
+
+
+def evaluate_tofu(model, tokenizer, data, *, guard=None, retain_reference=None, batch_size: int = 32,
+                  progress: bool = True, fmt: PromptFormat = PromptFormat(), max_new_tokens: int = 200,
+                  max_length: int | None = None, holdout: list[dict] | None = None, truth_ratio: str = "tofu",
+                  es_convention: str = "unlearnkit", generate: bool = True,
+                  only_sets: tuple[str, ...] | None = None) -> dict:
+    """Evaluate one model on a TOFU split. Returns the EVAL dict (per-sample values + "summary").
+
+    data: a TofuTask or a split name. retain_reference: the retain model's EVAL dict or a path to its EVAL.json /
+    TOFU logs (for forget quality, Reference MIA and PrivLeak). holdout: QA rows never trained on (MIA); default the
+    task's holdout (mini has one). generate=False skips generation (ROUGE becomes null). max_length: longest
+    question + answer allowed (None: the model's context only); a longer one, or a prompt + max_new_tokens beyond
+    the model's context, is an error naming set and row. es_convention: "unlearnkit" (a missed last token gives
+    ES 0) or "open-unlearning" (1/L there), see metrics.extraction_strength.
+    """
+    from tqdm.auto import tqdm
+
+    check_options(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
+                  truth_ratio=truth_ratio, es_convention=es_convention)
+    task, sets = task_sets(data, holdout, only_sets)
+    ref = _load_reference(retain_reference)
+    if ref is not None and "forget" in sets:  # a reference of another forget set fails now, not after the work
+        rows = sets["forget"]
+        match_reference({"split": task.split, "sets": {"forget": {
+            "avg_gt_loss": [0.0] * len(rows), "question": [r["question"] for r in rows],
+            "answer": [r["answer"] for r in rows]}}}, ref)
+
+    seqs, examples, gen_rows, gen_ids = _encode(tokenizer, sets, fmt, generate)
+    _check_encoded(sets, seqs, examples, gen_rows, gen_ids, max_length=max_length, max_new_tokens=max_new_tokens,
+                   context=context_length(getattr(model, "config", None)))
     prompts = [prompt_text(tokenizer, q, fmt) for _, _, _, q, _ in seqs]
     want = [role == "gt" and name in ("forget", "holdout") for name, _, role, _, _ in seqs]
-    gen_rows = [(name, i) for name in SETS if name in sets for i in range(len(sets[name]))] if generate else []
     bar = tqdm(total=len(seqs) + len(gen_rows), desc=f"eval tofu {task.split}", disable=not progress)
     stats = sequence_stats(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
                            want_dist=want, prompts=prompts, guard=guard, progress=bar)
     gens = []
     if generate:
         gen_prompts = [prompt_text(tokenizer, sets[n][i]["question"], fmt) for n, i in gen_rows]
-        gens = greedy_generate(model, tokenizer, [encode_prompt(tokenizer, sets[n][i]["question"], fmt)
-                                                  for n, i in gen_rows],
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, prompts=gen_prompts,
-                               guard=guard, progress=bar)
+        gens = greedy_generate(model, tokenizer, gen_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               prompts=gen_prompts, guard=guard, progress=bar)
     bar.close()
 
     cols = {name: _columns(name, rows) for name, rows in sets.items()}
@@ -105,7 +166,7 @@ def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(),
             c["avg_gt_loss"][i] = st.nll
             c["num_token_gt"][i] = len(st.logp)
             if name != "holdout":
-                c["es"][i] = M.extraction_strength(st.match)
+                c["es"][i] = M.extraction_strength(st.match, es_convention)
                 c["em"][i] = M.exact_memorisation(st.match)
                 if name in ("real_authors", "world_facts"):
                     c["avg_paraphrased_loss"][i] = st.nll
@@ -130,8 +191,9 @@ def evaluate_tofu(model, tokenizer, task, *, fmt: PromptFormat = PromptFormat(),
 
     ev = {"format": FORMAT, "split": task.split, "source": "evaluate_tofu",
           "prompt_format": {"kind": fmt.kind, "system_prompt": fmt.system_prompt},
-          "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "guard": guard is not None,
-                       "mink_k": M.MINK_K, "truth_ratio": truth_ratio},
+          "settings": {"max_new_tokens": max_new_tokens if generate else None, "max_length": max_length,
+                       "batch_size": batch_size, "guard": guard is not None, "mink_k": M.MINK_K,
+                       "truth_ratio": truth_ratio, "es_convention": es_convention},
           "sets": cols}
     ev["summary"] = summarize(ev, ref, truth_ratio)  # without generation: ROUGE and utility null, with reason
     ev.pop("source")
@@ -142,6 +204,7 @@ def limit_task(task, n: int | None):
     """The first n rows of every evaluation set (quick runs); n None/0 → unchanged."""
     import dataclasses
 
+    at_least(n, 0, "limit", none_ok=True)
     if not n:
         return task
     return dataclasses.replace(task, forget=task.forget[:n], retain_eval=task.retain_eval[:n],
@@ -166,31 +229,9 @@ def _columns(name: str, rows: list[dict]) -> dict:
 
 # ---- output -------------------------------------------------------------------------------------------------------
 
-def _clean(x):
-    """JSON has no NaN/Infinity: non-finite numbers become null (the summary says why)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_eval(out_dir, eval_dict: dict) -> Path:
-    """Write EVAL.json (everything) and SUMMARY.json (headline numbers) into out_dir, each atomically."""
+    """Write EVAL.json (everything) and SUMMARY.json (headline numbers) into out_dir, each atomically.
+    (The eval CLI writes into a fresh temporary folder and publishes it whole: see eval/cli.py.)"""
     out = Path(out_dir)
     write_json_atomic(out / "EVAL.json", eval_dict)
     write_json_atomic(out / "SUMMARY.json", eval_dict.get("summary", {}))
