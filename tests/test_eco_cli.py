@@ -43,7 +43,8 @@ def test_fit_and_generate(tmp_path, tiny_model_dir, data_files, capsys):
     assert {"forget_train", "forget_jailbreak"} <= set(metrics["fnr"])
     assert metrics["search"]["target"] == 0.0 and len(search["log"]) == 2 and "grad" in search["log"][0]
     assert cfg["metadata"]["forget_source"].endswith("forget.jsonl")
-    assert sorted(p.name for p in art.iterdir()) == ["classifier.json", "eco.json", "metrics.json", "search.json"]
+    assert sorted(p.name for p in art.iterdir()) == [".unlearnkit.json", "classifier.json", "eco.json",
+                                                     "metrics.json", "search.json"]
 
     assert main(["eco", "generate", "--model", str(tiny_model_dir), "--eco", str(art), "--max-new-tokens", "3",
                  "Who is Zorblax Quentin?", "What is 3 plus 3?"]) == 0
@@ -72,8 +73,80 @@ def test_fit_bad_inputs(tmp_path, tiny_model_dir, data_files, capsys):
     (keep / "config.json").write_text("{}")
     assert main(["eco", "fit", "--out", str(keep), "--model", str(tiny_model_dir), "--forget",
                  str(data_files / "forget.jsonl"), "--sigma", "1"]) == 2
-    assert "not an ECO artifact" in capsys.readouterr().err
+    assert "not written by unlearnkit" in capsys.readouterr().err
     assert (keep / "config.json").read_text() == "{}"
+
+
+def _fit_argv(out, model, data_files, *extra):
+    return ["eco", "fit", "--out", str(out), "--model", str(model), "--forget", str(data_files / "forget.jsonl"),
+            "--retain", str(data_files / "retain.txt"), "--negatives", str(data_files / "neg.json"), *extra]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--sigma", "inf"], "--sigma"),
+    (["--sigma", "nan"], "--sigma"),
+    (["--lr", "inf"], "--lr"),
+    (["--eps", "nan"], "--eps"),
+    (["--target-value", "nan"], "--target-value"),
+    (["--seed", str(2 ** 70), "--sigma", "1"], "--seed"),
+    (["--entity", " ", "--sigma", "1"], "--entity"),
+    (["--dims", "0", "--sigma", "1"], "--dims"),
+])
+def test_fit_bad_numbers_exit_2_before_the_model_loads(tmp_path, data_files, capsys, extra, needle):
+    # The model folder does not exist: an error about it would mean the model was reached first.
+    assert main(_fit_argv(tmp_path / "art", tmp_path / "no-model", data_files, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "art").exists()
+
+
+def test_fit_dims_beyond_hidden_size_exit_2_before_fitting(tmp_path, tiny_model_dir, data_files, capsys):
+    assert main(_fit_argv(tmp_path / "art", tiny_model_dir, data_files, "--dims", "100000", "--sigma", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--dims: 100000 is larger than the model's embedding width 32" in err
+    assert "[eco] classifier" not in err  # refused before any fitting
+    assert not (tmp_path / "art").exists()
+
+
+def test_fit_out_folder_rule_checked_before_the_model(tmp_path, tiny_model_dir, data_files, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    # --model does not exist: the --out error must come first (nothing loaded).
+    assert main(_fit_argv(foreign, tmp_path / "no-model", data_files, "--sigma", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and "not written by unlearnkit" in err and "--model" not in err, err
+    assert (foreign / "notes.txt").read_text() == "keep"
+    for out, where in ((tiny_model_dir, "is the input"), (tiny_model_dir / "eco", "is inside the input"),
+                       (tiny_model_dir.parent, "contains the input")):
+        assert main(_fit_argv(out, tiny_model_dir, data_files, "--sigma", "1")) == 2
+        err = capsys.readouterr().err.strip()
+        assert where in err and len(err.splitlines()) == 1, err
+    assert not (tiny_model_dir / "eco").exists()
+    ref = _fit_argv(tmp_path / "ref" / "art", tiny_model_dir, data_files, "--reference-model", str(tmp_path / "ref"))
+    (tmp_path / "ref").mkdir()
+    assert main(ref) == 2 and "is inside the input" in capsys.readouterr().err
+
+
+def test_generate_and_serve_refuse_a_damaged_artifact(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import uvicorn
+
+    from unlearnkit.eco.classifier import PromptClassifier
+    from unlearnkit.eco.guard import EcoGuard
+    from unlearnkit.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    clf = PromptClassifier(coef=np.ones(384, dtype=np.float32), intercept=0.0, tau=0.5)
+    art = EcoGuard(model, tok, clf).save(tmp_path / "art")
+    doc = json.loads((art / "classifier.json").read_text())
+    doc["coef"][7] = float("nan")  # a NaN score is never > tau: the guard would never flag
+    (art / "classifier.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("server started with a damaged artifact"))
+    for argv in (["eco", "generate", "--model", str(tiny_model_dir), "--eco", str(art), "hi"],
+                 ["serve", "--model", str(tiny_model_dir), "--eco", str(art)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "'coef'[7] must be a finite number" in err and len(err.splitlines()) == 1, err
 
 
 def test_classifier_separates_topic_and_calibrates():

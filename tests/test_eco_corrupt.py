@@ -94,6 +94,19 @@ def test_config_seeded_and_validated():
         CorruptionConfig(sigma=float("nan"))
 
 
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"sigma": float("inf")}, "--sigma"),
+    ({"sigma": "1"}, "--sigma"),
+    ({"dims": 2.5}, "--dims"),
+    ({"dims": True}, "--dims"),
+    ({"seed": 2 ** 70}, "--seed"),
+    ({"seed": 1.0}, "--seed"),
+])
+def test_config_rejects_non_finite_and_mistyped_values(kwargs, needle):
+    with pytest.raises(UserError, match=needle):
+        CorruptionConfig(**kwargs)
+
+
 def test_conformal_threshold_definition_and_coverage():
     from unlearnkit.eco.classifier import achievable_fpr, conformal_threshold
 

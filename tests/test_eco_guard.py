@@ -157,6 +157,94 @@ def test_bad_artifacts_are_one_line_user_errors(tmp_path, tiny_model, tokenizer)
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    with pytest.raises(UserError, match="not an ECO artifact"):
+    with pytest.raises(UserError, match="not written by unlearnkit"):
         EcoGuard(tiny_model, tokenizer, _random_classifier()).save(other)
-    assert (other / "keep.txt").read_text() == "x"
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"] and not list(tmp_path.glob(".unlearnkit-tmp-*"))
+
+
+def _saved_artifact(tmp_path, tiny_model, tokenizer):
+    guard = EcoGuard(tiny_model, tokenizer, _random_classifier(), CorruptionConfig("rand_noise_first_n", 0.5, 8, 3),
+                     mode="entity", entities=["Zorblax Quentin"])
+    return guard.save(tmp_path / "art")
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("file, path, value, needle", [
+    ("classifier.json", ("coef", 5), NAN, "'coef'[5]"),
+    ("classifier.json", ("coef", 0), INF, "'coef'[0]"),
+    ("classifier.json", ("coef", 0), 1e39, "'coef'[0]"),  # overflows the float32 head
+    ("classifier.json", ("coef", 0), "0.5", "'coef'[0]"),
+    ("classifier.json", ("coef", 0), True, "'coef'[0]"),
+    ("classifier.json", ("intercept",), NAN, "'intercept'"),
+    ("classifier.json", ("intercept",), -INF, "'intercept'"),
+    ("classifier.json", ("tau",), NAN, "'tau'"),
+    ("classifier.json", ("tau",), INF, "'tau'"),
+    ("classifier.json", ("tau",), 1.5, "'tau'"),
+    ("classifier.json", ("tau",), None, "'tau'"),
+    ("classifier.json", ("target_fpr",), NAN, "'target_fpr'"),
+    ("classifier.json", ("target_fpr",), 0, "'target_fpr'"),
+    ("classifier.json", ("target_fpr",), 1.0, "'target_fpr'"),
+    ("classifier.json", ("info",), [1], "'info'"),
+    ("classifier.json", ("extra",), 1, "unknown field"),
+    ("eco.json", ("tau",), NAN, "'tau'"),
+    ("eco.json", ("tau",), 0.1, "'tau'"),  # disagrees with classifier.json
+    ("eco.json", ("corruption", "sigma"), NAN, "corruption.sigma"),
+    ("eco.json", ("corruption", "sigma"), INF, "corruption.sigma"),
+    ("eco.json", ("corruption", "sigma"), -1, "corruption.sigma"),
+    ("eco.json", ("corruption", "sigma"), "1", "corruption.sigma"),
+    ("eco.json", ("corruption", "dims"), 0, "corruption.dims"),
+    ("eco.json", ("corruption", "dims"), 2.5, "corruption.dims"),
+    ("eco.json", ("corruption", "dims"), 10_000, "corruption.dims"),  # wider than the model's embeddings
+    ("eco.json", ("corruption", "seed"), 1.5, "corruption.seed"),
+    ("eco.json", ("corruption", "seed"), 2 ** 70, "corruption.seed"),
+    ("eco.json", ("corruption", "method"), "nope", "corruption.method"),
+    ("eco.json", ("corruption",), "rand_noise_first_n", "'corruption'"),
+    ("eco.json", ("mode",), "some", "'mode'"),
+    ("eco.json", ("entities",), "Zorblax", "'entities'"),
+    ("eco.json", ("entities",), [3], "'entities'"),
+    ("eco.json", ("prompt_format", "kind"), "html", "prompt_format.kind"),
+    ("eco.json", ("prompt_format", "system_prompt"), 3, "prompt_format.system_prompt"),
+    ("eco.json", ("metadata",), [], "'metadata'"),
+])
+def test_damaged_artifact_refuses_to_load(tmp_path, tiny_model, tokenizer, file, path, value, needle):
+    from unlearnkit.eco.guard import read_artifact
+
+    art = _saved_artifact(tmp_path, tiny_model, tokenizer)
+    doc = json.loads((art / file).read_text())
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    (art / file).write_text(json.dumps(doc))  # json writes NaN / Infinity, as a damaged file may hold
+    with pytest.raises(UserError) as e:
+        EcoGuard.load(art, tiny_model, tokenizer)
+    assert needle in str(e.value) and file in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+    if path != ("corruption", "dims") or value != 10_000:  # the width needs the model; the rest is found without
+        with pytest.raises(UserError, match="--eco"):
+            read_artifact(art)
+
+
+def test_artifact_save_refuses_what_load_would_refuse(tmp_path, tiny_model, tokenizer):
+    clf = _random_classifier()
+    clf.coef[3] = np.nan
+    with pytest.raises(UserError, match="'coef'"):
+        EcoGuard(tiny_model, tokenizer, clf).save(tmp_path / "a")
+    with pytest.raises(UserError, match="dims"):
+        EcoGuard(tiny_model, tokenizer, _random_classifier(), CorruptionConfig(dims=33)).save(tmp_path / "b")
+    assert not list(tmp_path.iterdir())
+
+
+def test_artifact_folder_replaces_only_artifacts(tmp_path, tiny_model, tokenizer):
+    art = _saved_artifact(tmp_path, tiny_model, tokenizer)
+    assert (art / ".unlearnkit.json").is_file()
+    # An artifact written before the marker existed is still ours to replace.
+    (art / ".unlearnkit.json").unlink()
+    guard = EcoGuard(tiny_model, tokenizer, _random_classifier(seed=1))
+    guard.save(art)
+    assert EcoGuard.load(art, tiny_model, tokenizer).config() == guard.config()
+    (art / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        guard.save(art)
+    assert (art / "notes.txt").read_text() == "mine"

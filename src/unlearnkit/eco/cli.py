@@ -14,7 +14,8 @@ def add_commands(sub) -> None:
     esub = p.add_subparsers(dest="eco_command", metavar="ECO_COMMAND", required=True)
 
     f = esub.add_parser("fit", help="fit the prompt classifier and corruption strength; write an artifact folder")
-    f.add_argument("--out", required=True, help="artifact folder to write (replaced atomically)")
+    f.add_argument("--out", required=True, help="artifact folder to write: new, empty or an earlier artifact "
+                   "(replaced atomically)")
     add_model_args(f)
     add_format_args(f)
     d = f.add_argument_group("data")
@@ -57,28 +58,52 @@ def add_commands(sub) -> None:
 
 
 def _check_ranges(args) -> None:
+    import math
+
     from ..errors import UserError
 
-    if not 0 < args.target_fpr < 1:
+    if not 0 < args.target_fpr < 1:  # also refuses NaN
         raise UserError(f"--target-fpr: must be in (0, 1), got {args.target_fpr}")
     if args.steps < 0:
         raise UserError(f"--steps: must be >= 0, got {args.steps}")
     for name in ("lr", "eps", "sigma0"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name}: must be a finite number > 0, got {value}")
+    if args.target_value is not None and not math.isfinite(args.target_value):
+        raise UserError(f"--target-value: must be a finite number, got {args.target_value}")
+    if args.max_length < 1:
+        raise UserError(f"--max-length: must be >= 1, got {args.max_length}")
+    for name in args.entity or ():
+        if not name.strip():
+            raise UserError("--entity: must be a non-empty name")
+
+
+def _fit_inputs(args) -> list[str]:
+    """Input paths the output folder must stay clear of (models, data files); hub ids are not paths."""
+    from pathlib import Path
+
+    paths = [args.model, args.reference_model, args.forget, args.retain, *args.negatives]
+    return [p for p in paths if p and Path(p).expanduser().exists()]
 
 
 def run_fit(args) -> int:
+    from ..cli_common import check_model_args
     from ..data.qa import load_qa
     from ..errors import UserError
+    from ..files import check_out_dir
     from ..models import load_model
     from .corrupt import CorruptionConfig
     from .fit import fit_eco, read_prompts, stderr_log, tofu_prompt_sets
+    from .guard import ARTIFACT_KIND, embedding_width
 
+    # Everything that can be checked without the model is checked before it loads.
     _check_ranges(args)
     fmt = prompt_format(args)
     corruption = CorruptionConfig(args.corruption, args.sigma if args.sigma is not None else 1.0, args.dims,
                                   args.seed)
+    check_out_dir(args.out, ARTIFACT_KIND, inputs=_fit_inputs(args))
+    check_model_args(args, "model", "reference_model")
     search = "none" if args.sigma is not None else args.search
     if search == "none" and args.sigma is None and args.corruption in ("rand_noise_first_n", "rand_noise_rand_n"):
         raise UserError("--search none: give the noise strength with --sigma S")
@@ -94,6 +119,7 @@ def run_fit(args) -> int:
         negatives[f"user{i + 1}" if len(args.negatives) > 1 else "user"] = read_prompts(path)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
                                   trust_remote_code=args.trust_remote_code)
+    corruption.check_width(embedding_width(model))  # needs the model; before the reference model and any fitting
     reference = None
     if search != "none" and args.target_value is None:
         stderr_log(f"[eco] reference model: {args.reference_model or 'base model (proxy)'}")
@@ -113,12 +139,14 @@ def run_fit(args) -> int:
 
 
 def run_generate(args) -> int:
+    from ..cli_common import check_model_args
     from ..errors import UserError
     from ..models import load_model
     from .guard import EcoGuard, read_artifact
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    check_model_args(args)
     read_artifact(args.eco)  # fail fast on a bad artifact, before loading the model
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
                                   trust_remote_code=args.trust_remote_code)

@@ -12,6 +12,7 @@ Noise comes from a CPU generator seeded by the caller, so a seed gives the same 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,6 +80,23 @@ CORRUPTIONS = {f.__name__: f for f in (rand_noise_first_n, rand_noise_rand_n, ze
 NOISE_METHODS = ("rand_noise_first_n", "rand_noise_rand_n")  # the ones whose strength sigma is searched
 
 
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+
+
+def corruption_problem(method, sigma, dims, seed) -> tuple[str, str] | None:
+    """(field, what is wrong) for a bad corruption setting, else None. Shared by the CLI and the artifact reader,
+    which name the field differently."""
+    if not isinstance(method, str) or method not in CORRUPTIONS:
+        return "corruption", f"unknown value {method!r}; choose one of {', '.join(CORRUPTIONS)}"
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        return "sigma", f"must be a finite number >= 0, got {sigma!r}"
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+        return "dims", f"must be an integer >= 1, got {dims!r}"
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        return "seed", f"must be an integer in [-2^63, 2^64 - 1], got {seed!r}"
+    return None
+
+
 @dataclass
 class CorruptionConfig:
     """What to do to the selected embeddings. dims=None means the full embedding width."""
@@ -88,12 +106,30 @@ class CorruptionConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in CORRUPTIONS:
-            raise UserError(f"--corruption: unknown value {self.method!r}; choose one of {', '.join(CORRUPTIONS)}")
-        if not (self.sigma >= 0):  # also rejects NaN
-            raise UserError(f"--sigma: must be >= 0, got {self.sigma!r}")
-        if self.dims is not None and self.dims < 1:
-            raise UserError(f"--dims: must be >= 1, got {self.dims!r}")
+        problem = corruption_problem(self.method, self.sigma, self.dims, self.seed)
+        if problem:
+            raise UserError(f"--{problem[0]}: {problem[1]}")
+
+    @classmethod
+    def from_dict(cls, d, source: str = "corruption") -> "CorruptionConfig":
+        """From an artifact's `corruption` object; every field is checked, errors name `source` and the field."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: field 'corruption' must be an object, got {d!r:.60}")
+        unknown = sorted(set(d) - {"method", "sigma", "dims", "seed"})
+        if unknown or "method" not in d or "sigma" not in d:
+            raise UserError(f"{source}: field 'corruption' needs method, sigma, dims, seed"
+                            + (f" (unknown field {unknown[0]!r})" if unknown else ""))
+        values = (d["method"], d["sigma"], d.get("dims"), d.get("seed", 0))
+        problem = corruption_problem(*values)
+        if problem:
+            name = "method" if problem[0] == "corruption" else problem[0]
+            raise UserError(f"{source}: field 'corruption.{name}': {problem[1]}")
+        return cls(*values)
+
+    def check_width(self, hidden: int, option: str = "--dims") -> None:
+        """dims cannot exceed the embedding width of the model it is applied to."""
+        if self.dims is not None and self.dims > hidden:
+            raise UserError(f"{option}: {self.dims} is larger than the model's embedding width {hidden}")
 
     def apply(self, emb: torch.Tensor, mask: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         dims = min(self.dims or emb.shape[-1], emb.shape[-1])

@@ -11,7 +11,8 @@ from ..errors import UserError
 from .classifier import fit_classifier, jailbreak_wrap
 from .corrupt import NOISE_METHODS, CorruptionConfig
 from .entities import extract_entities
-from .guard import EcoGuard
+from ..files import check_out_dir
+from .guard import ARTIFACT_KIND, EcoGuard, embedding_width
 from .search import embedding_scale, forget_metric, grid_search, zo_search
 
 MAX_PER_SOURCE = 1000  # negatives per source: enough for a 1% conformal threshold, bounded encoding time
@@ -67,9 +68,8 @@ def fit_eco(out_dir, *, model, tokenizer, forget: list[dict], negatives: dict[st
     "perturbed_answer" where available). target_value or reference_model (the retain model) gives v_target.
     """
     corruption = corruption or CorruptionConfig(seed=seed)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir / "eco.json").is_file():
-        raise UserError(f"--out {out_dir}: exists and is not an ECO artifact; refusing to replace it")
+    check_out_dir(out_dir, ARTIFACT_KIND)
+    corruption.check_width(embedding_width(model))  # before any fitting
     questions = [r["question"] for r in forget]
     paraphrased = [r["paraphrased_question"] for r in forget if r.get("paraphrased_question")]
     eval_pos = {"forget_paraphrased": paraphrased, "forget_jailbreak": jailbreak_wrap(questions),

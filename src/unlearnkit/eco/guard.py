@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import math
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..data.format import IGNORE, PromptFormat, _chat_pieces, encode_prompt
+from ..data.format import IGNORE, PromptFormat, _chat_pieces, encode_prompt, prompt_text
 from ..errors import UserError
+from ..files import check_out_dir, publish_dir, temp_dir_beside, write_json_atomic
 from .classifier import PromptClassifier
 from .corrupt import CorruptionConfig
-from .entities import TokenSelector
+from .entities import MODES, TokenSelector
 
 ARTIFACT_VERSION = 1
+ARTIFACT_KIND = "eco fit"  # the output-folder kind (files.py) of an artifact folder
 CONFIG_FILE, CLASSIFIER_FILE, METRICS_FILE, SEARCH_FILE = "eco.json", "classifier.json", "metrics.json", "search.json"
 
 
@@ -124,6 +125,36 @@ class EcoGuard:
             attention[row, width - len(x):] = 1
         return input_ids, attention, list(questions)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat conversation rendered in the guard's prompt format, the one sigma was fitted with.
+
+        A single user message gives exactly `encode_prompt` (what fitting and evaluation used). Longer
+        conversations follow the same rules: with no system prompt in the format and none in the request, the
+        conversation is rendered as later turns (no default system prompt injected by the template); the format's
+        system prompt is used when the request has none; a request's own system message is kept."""
+        if len(messages) == 1 and messages[0]["role"] == "user":
+            return encode_prompt(self.tokenizer, messages[0]["content"], self.fmt)
+        if self.fmt.kind == "plain":
+            turns = {"system": "{}\n", "user": "Question: {}\nAnswer:", "assistant": " {}\n"}
+            text = "".join(turns[m["role"]].format(m["content"]) for m in messages)
+            if messages[-1]["role"] != "user":
+                text += "Answer:"
+            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        render = lambda msgs, gen: self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                                      add_generation_prompt=gen)
+        if messages[0]["role"] == "system":
+            text = render(messages, True)
+        elif self.fmt.system_prompt is not None:
+            text = render([{"role": "system", "content": self.fmt.system_prompt}] + messages, True)
+        else:
+            # As data.format does for one question: after an opening exchange the template adds no system prompt.
+            opener = [{"role": "user", "content": "\x03"}, {"role": "assistant", "content": "\x04"}]
+            before, full = render(opener, False), render(opener + messages, True)
+            if not full.startswith(before):
+                raise UserError("chat template is not prefix-stable; serve this artifact with a system message")
+            text = full[len(before):]
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
     @torch.no_grad()
     def generate(self, questions: list[str], max_new_tokens: int = 64, guard: bool = True,
                  **generate_kwargs) -> list[str]:
@@ -160,54 +191,108 @@ class EcoGuard:
                 "tau": self.classifier.tau if self.classifier else None, "metadata": self.meta}
 
     def save(self, out_dir, metrics: dict | None = None, search: dict | None = None) -> Path:
-        """Write the artifact folder atomically (temp dir in the same parent, then rename)."""
+        """Write the artifact folder: checked first (see files.check_out_dir: new, empty or an earlier artifact),
+        written to a temporary folder beside it, then moved into place whole."""
         if self.classifier is None:
             raise UserError("ECO artifact: no classifier to save")
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        out = check_out_dir(out_dir, ARTIFACT_KIND)
+        config, head = self.config(), self.classifier.to_dict()
+        # Refuse to write what `load` would refuse (a NaN weight, a dims the model does not have, ...).
+        check_config(config, f"ECO artifact {CONFIG_FILE}")
+        PromptClassifier.from_dict(head, f"ECO artifact {CLASSIFIER_FILE}")
+        self.corruption.check_width(embedding_width(self.model), "ECO artifact: corruption dims")
+        tmp = temp_dir_beside(out)
         try:
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
-            self.classifier.save(tmp / CLASSIFIER_FILE)
-            (tmp / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=1))
-            (tmp / SEARCH_FILE).write_text(json.dumps(search or {}, indent=1))
-            if out.exists():
-                if not (out / CONFIG_FILE).is_file():
-                    raise UserError(f"--out {out}: exists and is not an ECO artifact; refusing to replace it")
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, allow_nan=False))
+            (tmp / CLASSIFIER_FILE).write_text(json.dumps(head, allow_nan=False))
+            write_json_atomic(tmp / METRICS_FILE, metrics or {})
+            write_json_atomic(tmp / SEARCH_FILE, search or {})
+            publish_dir(tmp, out, ARTIFACT_KIND)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        return Path(out_dir)
 
     @classmethod
     def load(cls, artifact_dir, model, tokenizer, device: str = "cpu") -> "EcoGuard":
         cfg, clf = read_artifact(artifact_dir, device)
-        try:
-            corruption = CorruptionConfig(**cfg["corruption"])
-            fmt = PromptFormat(**cfg.get("prompt_format", {}))
-            return cls(model, tokenizer, clf, corruption, cfg["mode"], cfg.get("entities", []), fmt,
-                       cfg.get("metadata", {}))
-        except (KeyError, TypeError) as e:
-            raise UserError(f"--eco {artifact_dir}: bad field in {CONFIG_FILE} ({e})") from e
+        cfg.corruption.check_width(embedding_width(model), f"--eco {artifact_dir}/{CONFIG_FILE}: field "
+                                   "'corruption.dims'")
+        prompt_text(tokenizer, "probe", cfg.fmt)  # the model's tokenizer must render the artifact's format
+        return cls(model, tokenizer, clf, cfg.corruption, cfg.mode, cfg.entities, cfg.fmt, cfg.metadata)
 
 
-def read_artifact(artifact_dir, device: str = "cpu") -> tuple[dict, PromptClassifier]:
+def embedding_width(model) -> int:
+    return int(model.get_input_embeddings().weight.shape[-1])
+
+
+@dataclass
+class ArtifactConfig:
+    """eco.json, checked."""
+    mode: str
+    entities: list[str]
+    corruption: CorruptionConfig
+    fmt: PromptFormat
+    tau: float | None
+    metadata: dict
+
+
+def check_config(cfg, source: str) -> ArtifactConfig:
+    """Validate every field of eco.json (one-line UserError naming `source` and the field)."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{source}: must be a JSON object")
+    if cfg.get("version") != ARTIFACT_VERSION:
+        raise UserError(f"{source}: field 'version' is {cfg.get('version')!r:.40}, expected {ARTIFACT_VERSION}")
+    unknown = sorted(set(cfg) - {"version", "mode", "entities", "corruption", "prompt_format", "tau", "metadata"})
+    if unknown:
+        raise UserError(f"{source}: unknown field {unknown[0]!r}")
+    mode = cfg.get("mode")
+    if mode not in MODES:
+        raise UserError(f"{source}: field 'mode' must be one of {', '.join(MODES)}, got {mode!r:.40}")
+    entities = cfg.get("entities", [])
+    if not isinstance(entities, list) or not all(isinstance(e, str) and e.strip() for e in entities):
+        raise UserError(f"{source}: field 'entities' must be a list of non-empty strings")
+    if "corruption" not in cfg:
+        raise UserError(f"{source}: field 'corruption' is missing")
+    corruption = CorruptionConfig.from_dict(cfg["corruption"], source)
+    pf = cfg.get("prompt_format", {})
+    if not isinstance(pf, dict) or set(pf) - {"kind", "system_prompt"}:
+        raise UserError(f"{source}: field 'prompt_format' must be an object with kind and system_prompt")
+    kind, system_prompt = pf.get("kind", "chat"), pf.get("system_prompt")
+    if kind not in ("chat", "plain"):
+        raise UserError(f"{source}: field 'prompt_format.kind' must be chat or plain, got {kind!r:.40}")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise UserError(f"{source}: field 'prompt_format.system_prompt' must be a string or null")
+    tau = cfg.get("tau")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau)):
+        raise UserError(f"{source}: field 'tau' must be a finite number, got {tau!r:.40}")
+    metadata = cfg.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise UserError(f"{source}: field 'metadata' must be an object")
+    return ArtifactConfig(mode, list(entities), corruption, PromptFormat(kind, system_prompt), tau, metadata)
+
+
+def read_artifact(artifact_dir, device: str = "cpu") -> tuple[ArtifactConfig, PromptClassifier]:
+    """Read and validate an artifact folder without a model: every field and number is checked, so a damaged
+    artifact is refused before anything loads."""
     path = Path(artifact_dir)
     if not path.is_dir():
         raise UserError(f"--eco {path}: no such directory")
     for name in (CONFIG_FILE, CLASSIFIER_FILE):
         if not (path / name).is_file():
             raise UserError(f"--eco {path}: missing {name} (not an ECO artifact; make one with `unlearnkit eco fit`)")
-    try:
-        cfg = json.loads((path / CONFIG_FILE).read_text())
-        clf_dict = json.loads((path / CLASSIFIER_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"--eco {path}: invalid JSON ({e.msg} at line {e.lineno})") from e
-    if not isinstance(cfg, dict) or cfg.get("version") != ARTIFACT_VERSION:
-        raise UserError(f"--eco {path}/{CONFIG_FILE}: field 'version' is {cfg.get('version') if isinstance(cfg, dict) else cfg!r}, "
-                        f"expected {ARTIFACT_VERSION}")
-    return cfg, PromptClassifier.from_dict(clf_dict, f"--eco {path}/{CLASSIFIER_FILE}", device)
+    docs = {}
+    for name in (CONFIG_FILE, CLASSIFIER_FILE):
+        try:
+            docs[name] = json.loads((path / name).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError covers JSONDecodeError
+            where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise UserError(f"--eco {path}/{name}: invalid JSON ({getattr(e, 'msg', e)}{where})") from e
+    cfg = check_config(docs[CONFIG_FILE], f"--eco {path}/{CONFIG_FILE}")
+    clf = PromptClassifier.from_dict(docs[CLASSIFIER_FILE], f"--eco {path}/{CLASSIFIER_FILE}", device)
+    if cfg.tau is not None and cfg.tau != clf.tau:
+        raise UserError(f"--eco {path}: field 'tau' is {cfg.tau} in {CONFIG_FILE} but {clf.tau} in "
+                        f"{CLASSIFIER_FILE}; the artifact is damaged")
+    return cfg, clf
 
 
 def read_metrics(artifact_dir) -> dict:

@@ -2,10 +2,14 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
 Requests are validated by hand so every bad request gets a 4xx with a one-line message in OpenAI's error shape
-({"error": {"message", "type", "param", "code"}}). Generation runs one request at a time (a lock; the model is not
-thread-safe and a 2-core CPU gains nothing from interleaving); waiting requests queue up to `max_queue`, beyond
-which the server answers 503 instead of piling up memory. A failure inside generation answers 500 and the server
-keeps serving.
+({"error": {"message", "type", "param", "code"}}); so do unknown routes and wrong methods. Generation runs one
+request at a time (a lock; the model is not thread-safe and a 2-core CPU gains nothing from interleaving); waiting
+requests queue up to `max_queue`, beyond which the server answers 503 instead of piling up memory. A request whose
+client hangs up is dropped: skipped while queued, stopped between decoding steps while generating. A failure inside
+generation answers 500 and the server keeps serving.
+
+With an ECO guard, chat prompts are rendered in the artifact's prompt format (the one its sigma was fitted with),
+not with the template's default system prompt.
 """
 from __future__ import annotations
 
@@ -19,11 +23,17 @@ import uuid
 
 import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the (string) annotations here
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 MAX_STOP = 4
-MAX_BODY_BYTES = 4 << 20  # a request body beyond this is refused (413) before parsing
+MAX_BODY_BYTES = 4 << 20  # a request body beyond this is refused (413) while it is read, before parsing
+MAX_JSON_DEPTH = 32       # no valid request nests deeper; deeper input would only exhaust the parser's stack
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed accepts
+CLIENT_GONE = 499         # status recorded for a request dropped because its client hung up (nobody reads it)
 
 
 class RequestError(Exception):
@@ -32,9 +42,55 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def _error_body(message: str, status: int, param=None, code=None) -> dict:
+def error_body(message: str, status: int, param=None, code=None) -> dict:
     kind = "invalid_request_error" if status < 500 else ("server_busy" if status == 503 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or RequestError (400): malformed JSON, numbers Python refuses (ints of
+    thousands of digits), nesting deeper than MAX_JSON_DEPTH, strings with unpaired surrogates (no tokenizer
+    can encode them)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise RequestError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long to convert
+        raise RequestError(400, f"request body is not valid JSON ({getattr(e, 'msg', None) or str(e)[:120]})") \
+            from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    stack = [(body, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(400, "request body holds a string with an unpaired surrogate "
+                                        f"({value[:40]!a})") from None
+    return body
+
+
+class CancelOnEvent(StoppingCriteria):
+    """Stops generation at the next decoding step once `event` is set (the client hung up)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _number(body: dict, name: str, default, lo, hi, integer=False, lo_open=False):
@@ -67,8 +123,9 @@ class Generator:
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
         n = _number(body, "n", 1, 1, 1, integer=True)
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError(400, f"'seed' must be an integer, got {seed!r:.40}", "seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+            raise RequestError(400, f"'seed' must be an integer in [-2^63, 2^64 - 1], got {seed!r:.40}", "seed")
         if body.get("stream"):
             raise RequestError(400, "'stream': streaming is not supported; send stream=false", "stream")
         stop = body.get("stop")
@@ -106,12 +163,19 @@ class Generator:
             if not isinstance(content, str):
                 raise RequestError(400, f"messages[{i}]: 'content' must be a string", "messages")
             clean.append({"role": m["role"], "content": content})
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:  # base model without a template: plain transcript
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in clean) + "Assistant:"
-            ids = self.tokenizer(text)["input_ids"]
+        try:
+            if self.guard is not None:  # the guard's sigma was fitted on prompts in its own format
+                ids = self.guard.encode_chat(clean)
+            elif getattr(self.tokenizer, "chat_template", None):
+                text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:  # base model without a template: plain transcript
+                text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in clean) + "Assistant:"
+                ids = self.tokenizer(text)["input_ids"]
+        except Exception as e:  # noqa: BLE001 — a template may refuse a conversation (e.g. roles must alternate)
+            raise RequestError(400, f"messages: cannot be rendered with the chat template "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                               "messages") from None
         # The classifier sees what the user asked (all user turns), not the template around it.
         user_text = "\n".join(m["content"] for m in clean if m["role"] == "user") or clean[-1]["content"]
         return ids, user_text
@@ -130,12 +194,16 @@ class Generator:
                                f"context length {self.max_context}", param, "context_length_exceeded")
 
     @torch.no_grad()
-    def generate(self, ids: list[int], classify_text: str, params: dict) -> tuple[str, str, int, bool]:
-        """Returns (text, finish_reason, completion_tokens, flagged)."""
+    def generate(self, ids: list[int], classify_text: str, params: dict,
+                 cancel: threading.Event | None = None) -> tuple[str, str, int, bool]:
+        """Returns (text, finish_reason, completion_tokens, flagged). Setting `cancel` stops it after the current
+        decoding step (the partial answer is returned)."""
         input_ids = torch.tensor([ids], device=self.device)
         attention = torch.ones_like(input_ids)
         kwargs = dict(max_new_tokens=params["max_tokens"], pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=self.tokenizer.eos_token_id)
+        if cancel is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([CancelOnEvent(cancel)])
         if params["temperature"] > 0:
             kwargs.update(do_sample=True, temperature=params["temperature"], top_p=params["top_p"], top_k=None)
             if params["seed"] is not None:
@@ -156,27 +224,77 @@ class Generator:
         return text, finish, len(new), bool(state.flags[0]) if state is not None else False
 
 
-def create_app(generator: Generator, max_queue: int = 64):
+async def _watch_disconnect(request: Request, gone: asyncio.Event, cancel: threading.Event) -> None:
+    """Sets both events when the client hangs up. Runs once the body has been read, so the only message left to
+    receive is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            gone.set()
+            return
+
+
+async def _acquire_unless_gone(lock: asyncio.Lock, gone: asyncio.Event) -> bool:
+    """Wait for the lock (FIFO) or the client's disconnect, whichever comes first. True: we hold the lock."""
+    acquire = asyncio.ensure_future(lock.acquire())
+    left = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({acquire, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+    if not acquire.done():
+        acquire.cancel()  # asyncio.Lock hands the lock on to the next waiter if this one is cancelled
+    try:
+        await acquire
+    except asyncio.CancelledError:
+        return False
+    if gone.is_set():  # got the lock just as the client left
+        lock.release()
+        return False
+    return True
+
+
+def create_app(generator: Generator, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES):
     app = FastAPI(title="unlearnkit", docs_url=None, redoc_url=None)
     lock = asyncio.Lock()
-    state = {"waiting": 0, "served": 0, "errors": 0}
+    state = {"waiting": 0, "served": 0, "errors": 0, "cancelled": 0}
 
     def err(e: RequestError) -> JSONResponse:
-        return JSONResponse(_error_body(e.message, e.status, e.param, e.code), status_code=e.status)
+        return error_response(e.status, e.message, e.param, e.code)
+
+    # Every error, including the framework's own (unknown route, wrong method), in OpenAI's shape.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"unknown route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                            str(exc.detail))
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        return error_response(400, f"invalid request: {first.get('msg', 'validation failed')}")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}")
 
     async def read_body(request: Request) -> dict:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"request body is not valid JSON ({getattr(e, 'msg', e)})")
-        if not isinstance(body, dict):
-            raise RequestError(400, "request body must be a JSON object")
-        return body
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise RequestError(400, f"invalid Content-Length header {length[:40]!r}")
+            if int(length) > max_body_bytes:
+                raise RequestError(413, f"request body larger than {max_body_bytes} bytes")
+        # Read chunk by chunk and stop at the limit: a huge (chunked) body never sits in memory whole.
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise RequestError(413, f"request body larger than {max_body_bytes} bytes")
+            chunks.append(chunk)
+        return parse_body(b"".join(chunks))
 
     async def run(request: Request, kind: str):
         try:
@@ -190,15 +308,30 @@ def create_app(generator: Generator, max_queue: int = 64):
         if state["waiting"] >= max_queue:
             return err(RequestError(503, f"server busy: {state['waiting']} requests queued; retry later"))
         state["waiting"] += 1
+        gone, cancel = asyncio.Event(), threading.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, gone, cancel))
         try:
-            async with lock:  # one generation at a time; asyncio.Lock wakes waiters in FIFO order
-                text, finish, n_new, flagged = await run_in_threadpool(generator.generate, ids, classify_text,
-                                                                       params)
+            if not await _acquire_unless_gone(lock, gone):  # one generation at a time, FIFO
+                state["cancelled"] += 1
+                return err(RequestError(CLIENT_GONE, "client disconnected while queued"))
+            job = asyncio.ensure_future(run_in_threadpool(generator.generate, ids, classify_text, params, cancel))
+            # The lock is free only when the model is: even if this handler is cancelled (shutdown), the thread
+            # keeps running until the stopping criterion sees `cancel`.
+            job.add_done_callback(lambda _: lock.release())
+            try:
+                text, finish, n_new, flagged = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
         except Exception as e:  # noqa: BLE001 — a failed generation must not take the server down
             state["errors"] += 1
             return err(RequestError(500, f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
         finally:
+            watcher.cancel()
             state["waiting"] -= 1
+        if cancel.is_set():
+            state["cancelled"] += 1
+            return err(RequestError(CLIENT_GONE, "client disconnected during generation"))
         state["served"] += 1
         created = int(time.time())
         usage = {"prompt_tokens": len(ids), "completion_tokens": n_new, "total_tokens": len(ids) + n_new}
@@ -229,7 +362,8 @@ def create_app(generator: Generator, max_queue: int = 64):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": generator.model_name, "eco": generator.guard is not None,
-                "queued": state["waiting"], "served": state["served"], "errors": state["errors"]}
+                "queued": state["waiting"], "served": state["served"], "errors": state["errors"],
+                "cancelled": state["cancelled"]}
 
     return app
 

@@ -22,6 +22,7 @@ def add_commands(sub) -> None:
 def run(args) -> int:
     import uvicorn
 
+    from ..cli_common import check_model_args
     from ..errors import UserError
     from . import build_app
 
@@ -30,6 +31,7 @@ def run(args) -> int:
     for name in ("max_tokens_limit", "max_queue"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    check_model_args(args)
     app, gen = build_app(args.model, args.eco, model_name=args.served_name, dtype=args.dtype, device=args.device,
                          max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
                          trust_remote_code=args.trust_remote_code)
