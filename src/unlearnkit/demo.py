@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 DEMO_METHOD = "simnpo"
-# 10 SimNPO steps (2 epochs of the 40 forget QA, lr 2e-4) instead of the method's 20-step defaults: measured on mini
-# TOFU, forget quality 0.58 and PrivLeak +7 (vs 0.92 and -31 with 20 steps) at ~75 s less CPU time, which keeps the
-# first demo run within 15 minutes on 2 cores (docs/results.md).
+# 10 SimNPO steps (2 epochs of the 40 forget QA, lr 2e-4) instead of the method's 20-step defaults: closer to the
+# retain model and cheaper on 2 cores (the comparison is in docs/results.md).
 DEMO_CONFIG = {"simnpo": {"epochs": 2.0, "lr": 2e-4}}
 
 

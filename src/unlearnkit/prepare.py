@@ -20,8 +20,8 @@ from .models import (DEFAULT_MODEL, cache_dir, check_device, default_device, loa
 from .train.finetune import finetune
 from .train.loop import TrainConfig
 
-# Measured on SmolLM2-135M: lr 2e-4 for 5 epochs learns 40 TOFU QA to ROUGE-L ~0.97; lower settings left the facts
-# half-learned, which makes every unlearning result look better than it is.
+# lr 2e-4 for 5 epochs: lower settings leave a small model's facts half-learned, which makes every unlearning result
+# look better than it is (docs/results.md).
 FINETUNE_DEFAULTS = dict(lr=2e-4, epochs=5.0, batch_size=8, warmup_ratio=0.1, weight_decay=0.01,
                          checkpoint_every=10)  # an interrupted prepare resumes from its last checkpoint
 

@@ -90,7 +90,7 @@ def run(args) -> int:
           "plain_seconds": plain / args.repeats, "guarded_seconds": guarded / args.repeats,
           "overhead": guarded / plain,
           # CPU seconds of this process: less sensitive than wall time to other jobs on a shared machine
-          "overhead_cpu": guarded_cpu / plain_cpu}, args.json)
+          "overhead_cpu": guarded_cpu / plain_cpu}, args.json, bench="eco")
     return 0
 
 

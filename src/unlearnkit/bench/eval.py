@@ -85,5 +85,5 @@ def run(args) -> int:
         figures.update({"continuous_seconds": gen["continuous"][1], "fixed_batch_seconds": gen["pruned"][1],
                         "continuous_same_text": gen["continuous"][0] == gen["pruned"][0],
                         "continuous_speedup": gen["pruned"][1] / gen["continuous"][1]})
-    emit(figures, args.json)
+    emit(figures, args.json, bench="eval")
     return 0

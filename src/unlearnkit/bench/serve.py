@@ -77,5 +77,5 @@ def run(args) -> int:
     emit({"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
           "eco": bool(args.eco), "seconds": wall, "throughput_rps": args.requests / wall,
           "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-          "errors": len(errors), "healthy_after": health.get("status") == "ok"}, args.json)
+          "errors": len(errors), "healthy_after": health.get("status") == "ok"}, args.json, bench="serve")
     return 0

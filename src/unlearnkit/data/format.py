@@ -35,7 +35,7 @@ class _ChatPieces:
     end_of_turn: str  # text that closes the answer (e.g. "<|im_end|>"), labelled
 
 
-def _chat_pieces(tokenizer, system_prompt: str | None) -> _ChatPieces:
+def chat_pieces(tokenizer, system_prompt: str | None) -> _ChatPieces:
     key = (id(tokenizer), system_prompt)
     if key not in _PIECES_CACHE:
         _PIECES_CACHE[key] = _derive_chat_pieces(tokenizer, system_prompt)
@@ -79,7 +79,7 @@ def prompt_text(tokenizer, question: str, fmt: PromptFormat = PromptFormat()) ->
     """The text the model sees before its answer."""
     if fmt.kind == "plain":
         return f"Question: {question}\nAnswer:"
-    pieces = _chat_pieces(tokenizer, fmt.system_prompt)
+    pieces = chat_pieces(tokenizer, fmt.system_prompt)
     return pieces.prefix + question + pieces.middle
 
 
@@ -87,7 +87,7 @@ def answer_text(tokenizer, answer: str, fmt: PromptFormat = PromptFormat()) -> s
     """The labelled continuation: the answer and the end-of-turn marker."""
     if fmt.kind == "plain":
         return " " + answer + (tokenizer.eos_token or "")
-    return answer + _chat_pieces(tokenizer, fmt.system_prompt).end_of_turn
+    return answer + chat_pieces(tokenizer, fmt.system_prompt).end_of_turn
 
 
 def encode_prompt(tokenizer, question: str, fmt: PromptFormat = PromptFormat()) -> list[int]:

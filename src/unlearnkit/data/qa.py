@@ -33,7 +33,7 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
                         f"(0x{data[pos]:02x}); save the file as UTF-8") from e
 
 
-def _read_records(path: Path, encoding: str = "utf-8") -> list[dict]:
+def read_records(path: Path, encoding: str = "utf-8") -> list[dict]:
     text = read_text(path, encoding)
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -69,7 +69,7 @@ def load_qa(path: str | Path, question_field: str = "question", answer_field: st
             extra_fields: tuple[str, ...] = (), encoding: str = "utf-8") -> list[dict]:
     """QA pairs as [{"question", "answer", ...extra, "index"}]. Empty file → error."""
     path = Path(path)
-    records = _read_records(path, encoding)
+    records = read_records(path, encoding)
     if not records:
         raise UserError(f"{path}: no rows (empty data set)")
     rows = []
@@ -101,7 +101,7 @@ def load_corpus(path: str | Path, text_field: str = "text", encoding: str = "utf
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     else:
         docs = []
-        for i, rec in enumerate(_read_records(path, encoding)):
+        for i, rec in enumerate(read_records(path, encoding)):
             value = rec.get(text_field) if isinstance(rec, dict) else rec if isinstance(rec, str) else None
             if not isinstance(value, str):
                 raise UserError(f"{path}: row {i}: field {text_field!r} missing or not text")

@@ -38,7 +38,7 @@ def _cap(items: list[str], seed: int, n: int = MAX_PER_SOURCE) -> list[str]:
 
 def read_prompts(path: str | Path, field: str = "question") -> list[str]:
     """Prompts from a .txt file (one per line) or JSON/JSONL/CSV rows with a `field` column."""
-    from ..data.qa import _read_records
+    from ..data.qa import read_records
 
     path = Path(path)
     if path.suffix.lower() == ".txt":
@@ -47,7 +47,7 @@ def read_prompts(path: str | Path, field: str = "question") -> list[str]:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         prompts = []
-        for i, rec in enumerate(_read_records(path)):
+        for i, rec in enumerate(read_records(path)):
             value = rec.get(field) if isinstance(rec, dict) else None
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"{path}: row {i}: field {field!r} missing or empty")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.format import IGNORE, PromptFormat, _chat_pieces, encode_prompt, prompt_text
+from ..data.format import IGNORE, PromptFormat, chat_pieces, encode_prompt, prompt_text
 from ..errors import UserError
 from ..files import check_out_dir, publish_dir, temp_dir_beside, write_json_atomic
 from .classifier import PromptClassifier
@@ -63,7 +63,7 @@ class EcoGuard:
                 return prompt[len("Question: "):-len("\nAnswer:")]
             return prompt
         try:
-            pieces = _chat_pieces(self.tokenizer, self.fmt.system_prompt)
+            pieces = chat_pieces(self.tokenizer, self.fmt.system_prompt)
         except UserError:
             return prompt
         if pieces.prefix and prompt.startswith(pieces.prefix) and prompt.endswith(pieces.middle):

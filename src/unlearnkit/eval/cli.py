@@ -92,8 +92,11 @@ def _inputs(*paths) -> list:
 
 
 def _check_eco(args) -> None:
-    if args.eco and not Path(args.eco).expanduser().exists():
-        raise UserError(f"--eco {args.eco}: no such file or folder")
+    """A damaged or missing artifact is refused before any model loads (never evaluate without the guard asked for)."""
+    if args.eco:
+        from ..eco import read_artifact
+
+        read_artifact(args.eco)
 
 
 def _context(args, option: str):
