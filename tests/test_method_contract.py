@@ -133,3 +133,15 @@ def test_no_method_name_outside_its_own_file():
             if path.name == "activations.py" and name == "rmu":
                 continue
             assert not re.search(rf"[\"'.]{name}\b|\b{name}[\"'(.]", code), f"{path.name} names {name!r}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_resolve(path):
+    import yaml
+
+    from unlearnkit.unlearning import resolve_config
+
+    method = next(m for m in sorted(methods.METHODS, key=len, reverse=True) if path.stem.startswith(m))
+    cfg = resolve_config(method, yaml.safe_load(path.read_text()))
+    assert all(cfg[k] == pytest.approx(v) if isinstance(v, float) else True
+               for k, v in yaml.safe_load(path.read_text()).items())
