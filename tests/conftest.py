@@ -50,3 +50,14 @@ def real_model():
     from unlearnkit.models import load_model
 
     return load_model(dtype="fp32", device="cpu")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command gets as far as loading model weights."""
+    import unlearnkit.models
+
+    def refuse(*a, **k):
+        raise AssertionError("model weights were loaded before the input was checked")
+
+    monkeypatch.setattr(unlearnkit.models, "load_model", refuse)

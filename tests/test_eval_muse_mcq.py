@@ -9,6 +9,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
+from helpers import cli_error
 from unlearnkit.cli import main
 from unlearnkit.errors import UserError
 from unlearnkit.eval.generate import greedy_generate
@@ -146,23 +147,6 @@ def test_mcq_retain_reference_used_or_refused(tiny_model, tokenizer, make_tiny_m
         evaluate_mcq(tiny_model, tokenizer, items[:2], retain_reference=retain, progress=False)
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import unlearnkit.models
-
-    def refuse(*a, **k):
-        raise AssertionError("model weights were loaded before the input was checked")
-
-    monkeypatch.setattr(unlearnkit.models, "load_model", refuse)
-
-
-def _err(args, capsys):
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("unlearnkit: error:") and "\n" not in err, (code, err)
-    return err
-
-
 @pytest.mark.parametrize("extra,needle", [
     (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch-size"),
     (["--max-new-tokens-verbmem", "0"], "--max-new-tokens-verbmem"),
@@ -174,7 +158,7 @@ def _err(args, capsys):
 def test_muse_bad_numbers_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_model_load, extra, needle):
     args = ["eval", "muse", "--model", str(tiny_model_dir), "--data", str(FIX / "muse"), "--device", "cpu",
             "--out", str(tmp_path / "o"), *extra]
-    assert needle in _err(args, capsys)
+    assert needle in cli_error(args, capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -183,7 +167,7 @@ def test_muse_bad_numbers_refused_before_loading(tiny_model_dir, tmp_path, capsy
 def test_mcq_bad_numbers_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_model_load, extra, needle):
     args = ["eval", "mcq", "--model", str(tiny_model_dir), "--data", str(FIX / "mcq" / "biology.jsonl"),
             "--device", "cpu", "--out", str(tmp_path / "o"), *extra]
-    assert needle in _err(args, capsys)
+    assert needle in cli_error(args, capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -192,19 +176,19 @@ def test_muse_mcq_out_folder_rules(tiny_model_dir, tmp_path, capsys, no_model_lo
     data.mkdir()
     (data / "biology.jsonl").write_text((FIX / "mcq" / "biology.jsonl").read_text())
     mcq = ["eval", "mcq", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(data / "biology.jsonl")]
-    assert "contains the input" in _err(mcq + ["--out", str(data)], capsys)
-    assert "inside the input" in _err(mcq + ["--out", str(tiny_model_dir / "mcq")], capsys)
+    assert "contains the input" in cli_error(mcq + ["--out", str(data)], capsys)
+    assert "inside the input" in cli_error(mcq + ["--out", str(tiny_model_dir / "mcq")], capsys)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "a.txt").write_text("x")
-    assert "not empty" in _err(mcq + ["--out", str(foreign)], capsys)
+    assert "not empty" in cli_error(mcq + ["--out", str(foreign)], capsys)
     muse = ["eval", "muse", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(FIX / "muse")]
-    assert "inside the input" in _err(muse + ["--out", str(FIX / "muse" / "out")], capsys)
-    assert "not empty" in _err(muse + ["--out", str(foreign)], capsys)
+    assert "inside the input" in cli_error(muse + ["--out", str(FIX / "muse" / "out")], capsys)
+    assert "not empty" in cli_error(muse + ["--out", str(foreign)], capsys)
     assert not (tiny_model_dir / "mcq").exists() and not (FIX / "muse" / "out").exists()
     # an unusable retain log is refused before loading, saying why
     (tmp_path / "ref.json").write_text(json.dumps({"summary": {"forget_prob": 0.3}}))
-    assert "not usable for multiple choice" in _err(mcq + ["--retain-log", str(tmp_path / "ref.json"), "--out",
+    assert "not usable for multiple choice" in cli_error(mcq + ["--retain-log", str(tmp_path / "ref.json"), "--out",
                                                            str(tmp_path / "o")], capsys)
 
 
@@ -221,5 +205,5 @@ def test_cli_mcq_rerun_quiet_and_marker(tiny_model_dir, tmp_path, capsys):
                  "--max-new-tokens-verbmem", "2", "--max-new-tokens-knowmem", "2", "--device", "cpu", "--quiet"]) == 0
     assert json.loads((muse_out / ".unlearnkit.json").read_text())["kind"] == "eval muse"
     # an mcq folder is not a muse folder
-    assert "`eval mcq`" in _err(["eval", "muse", "--model", str(tiny_model_dir), "--data", str(FIX / "muse"),
+    assert "`eval mcq`" in cli_error(["eval", "muse", "--model", str(tiny_model_dir), "--data", str(FIX / "muse"),
                                  "--out", str(out), "--device", "cpu"], capsys)

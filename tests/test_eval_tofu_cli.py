@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from helpers import cli_error
 from unlearnkit.cli import main
 
 
@@ -63,24 +64,6 @@ def test_real_model_generation_and_probabilities(real_model):
 
 # ---- up-front checks: nothing is loaded, nothing written ----------------------------------------------------------
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a command gets as far as loading model weights."""
-    import unlearnkit.models
-
-    def refuse(*a, **k):
-        raise AssertionError("model weights were loaded before the input was checked")
-
-    monkeypatch.setattr(unlearnkit.models, "load_model", refuse)
-
-
-def _err(args, capsys):
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("unlearnkit: error:") and "\n" not in err, (code, err)
-    return err
-
-
 def _fake_model(folder):
     """A model folder as far as the cheap checks go (config + a weights file); loading it would fail."""
     folder.mkdir(parents=True)
@@ -99,28 +82,28 @@ def test_eval_tofu_out_folder_refused_before_loading(tmp_path, capsys, no_model_
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    assert "not empty" in _err(_tofu(model, foreign), capsys)
+    assert "not empty" in cli_error(_tofu(model, foreign), capsys)
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
-    assert "is the input" in _err(_tofu(model, model), capsys)
-    assert "inside the input" in _err(_tofu(model, model / "eval"), capsys)
-    assert "contains the input" in _err(_tofu(model, tmp_path), capsys)
+    assert "is the input" in cli_error(_tofu(model, model), capsys)
+    assert "inside the input" in cli_error(_tofu(model, model / "eval"), capsys)
+    assert "contains the input" in cli_error(_tofu(model, tmp_path), capsys)
     retain = _fake_model(tmp_path / "retain_model")
-    assert "retain_model" in _err(_tofu(model, retain / "eval", "--retain-model", str(retain)), capsys)
+    assert "retain_model" in cli_error(_tofu(model, retain / "eval", "--retain-model", str(retain)), capsys)
     log = tmp_path / "logs" / "EVAL.json"
     log.parent.mkdir()
     log.write_text("{}")
-    assert "contains the input" in _err(_tofu(model, tmp_path / "logs", "--retain-log", str(log)), capsys)
+    assert "contains the input" in cli_error(_tofu(model, tmp_path / "logs", "--retain-log", str(log)), capsys)
     holdout = tmp_path / "h" / "holdout.json"
     holdout.parent.mkdir()
     holdout.write_text("[]")
-    assert "contains the input" in _err(_tofu(model, holdout.parent, "--holdout", str(holdout)), capsys)
+    assert "contains the input" in cli_error(_tofu(model, holdout.parent, "--holdout", str(holdout)), capsys)
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
     # a folder written by another command
     agg = tmp_path / "agg"
     agg.mkdir()
     (agg / ".unlearnkit.json").write_text(json.dumps({"kind": "eval aggregate", "files": ["SUMMARY.json"]}))
     (agg / "SUMMARY.json").write_text("{}")
-    assert "`eval aggregate`" in _err(_tofu(model, agg), capsys)
+    assert "`eval aggregate`" in cli_error(_tofu(model, agg), capsys)
 
 
 def test_eval_tofu_rerun_into_own_folder_and_marker_lists_retain(tiny_model_dir, tmp_path, capsys):
@@ -151,18 +134,18 @@ def test_eval_tofu_bad_numbers_refused_before_loading(tiny_model_dir, tmp_path, 
                                                       needle):
     args = _tofu(tiny_model_dir, tmp_path / "o")
     args[args.index("--limit"):args.index("--limit") + 4] = []  # drop the defaults given by _tofu
-    err = _err(args + extra, capsys)
+    err = cli_error(args + extra, capsys)
     assert needle in err
     assert not (tmp_path / "o").exists()
 
 
 def test_eval_tofu_length_errors_name_set_and_row(tiny_model_dir, tmp_path, capsys, no_model_load):
-    err = _err(_tofu(tiny_model_dir, tmp_path / "o", "--max-length", "30"), capsys)
+    err = cli_error(_tofu(tiny_model_dir, tmp_path / "o", "--max-length", "30"), capsys)
     assert "TOFU forget set row" in err and "tokens, more than --max-length 30" in err
-    err = _err(_tofu(tiny_model_dir, tmp_path / "o", "--max-new-tokens", "505"), capsys)
+    err = cli_error(_tofu(tiny_model_dir, tmp_path / "o", "--max-new-tokens", "505"), capsys)
     assert "TOFU" in err and "set row" in err and "at most" in err
     # the retain model is checked too, and named
-    err = _err(_tofu(tiny_model_dir, tmp_path / "o", "--retain-model", str(tiny_model_dir), "--max-length", "30"),
+    err = cli_error(_tofu(tiny_model_dir, tmp_path / "o", "--retain-model", str(tiny_model_dir), "--max-length", "30"),
                capsys)
     assert err.startswith("unlearnkit: error: --retain-model")
 
@@ -182,8 +165,8 @@ def test_max_length_and_context_in_the_api(tiny_model, tokenizer):
 
 
 def test_bench_eval_rejects_negative_n(capsys, no_model_load):
-    assert "--n" in _err(["bench", "eval", "--n", "-5", "--device", "cpu"], capsys)
-    assert "--batch-size" in _err(["bench", "eval", "--batch-size", "0", "--device", "cpu"], capsys)
+    assert "--n" in cli_error(["bench", "eval", "--n", "-5", "--device", "cpu"], capsys)
+    assert "--batch-size" in cli_error(["bench", "eval", "--batch-size", "0", "--device", "cpu"], capsys)
 
 
 # ---- extraction strength conventions through the evaluator --------------------------------------------------------

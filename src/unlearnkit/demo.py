@@ -59,7 +59,7 @@ def check_args(args) -> Path:
     """Every demo input, checked before the first (minutes-long) step: device, model, method, run folder."""
     from .files import check_out_dir
     from .models import cache_dir, check_device, resolve_model_path
-    from .unlearn import resolve_config
+    from .unlearning import resolve_config
 
     check_device(args.device)
     resolve_config(args.method, DEMO_CONFIG.get(args.method))
