@@ -67,8 +67,11 @@ def test_real_model_generation_and_probabilities(real_model):
 def _fake_model(folder):
     """A model folder as far as the cheap checks go (config + a weights file); loading it would fail."""
     folder.mkdir(parents=True)
+    import torch
+    from safetensors.torch import save_file
+
     (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_text("")
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))  # a whole file, just not a model
     return folder
 
 

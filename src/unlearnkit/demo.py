@@ -27,6 +27,7 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--method", default=DEMO_METHOD, help="unlearning method (default: simnpo)")
     p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--full-retain-eval", action="store_true",
                    help="evaluate the retain model on every set, not only what forget quality needs (~3 CPU min)")
     p.set_defaults(func=run)
@@ -36,7 +37,8 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def _cached_eval(model_dir: Path, task, device, retain_reference=None, full: bool = True) -> dict:
+def _cached_eval(model_dir: Path, task, device, retain_reference=None, full: bool = True,
+                 progress: bool = True) -> dict:
     """EVAL of a prepared model, cached beside it (the prepared models never change once written)."""
     from .eval import evaluate_tofu
     from .files import write_json_atomic
@@ -49,7 +51,7 @@ def _cached_eval(model_dir: Path, task, device, retain_reference=None, full: boo
         except (UnicodeDecodeError, json.JSONDecodeError):
             pass  # damaged cache entry: evaluate again and rewrite it
     model, tokenizer = load_model(str(model_dir), device=device)
-    result = evaluate_tofu(model, tokenizer, task, retain_reference=retain_reference, generate=full,
+    result = evaluate_tofu(model, tokenizer, task, retain_reference=retain_reference, generate=full, progress=progress,
                            only_sets=None if full else ("forget", "holdout"))
     write_json_atomic(cache, result, indent=None)
     return result
@@ -83,12 +85,13 @@ def run(args) -> int:
     out = check_args(args)
     task = tofu.task("mini")
     _log("1/5 prepare mini TOFU target + retain models (cached after the first run)")
-    paths = prepare_tofu("mini", args.model, device=args.device)
+    progress = not args.quiet
+    paths = prepare_tofu("mini", args.model, device=args.device, progress=progress)
     _log("2/5 evaluate the retain and target models (cached)")
     # The retain model is the reference for forget quality and PrivLeak: teacher-forced numbers on the forget and
     # holdout sets. Its full evaluation (--full-retain-eval) costs ~3 more CPU minutes on the first run.
-    retain_eval = _cached_eval(paths["retain"], task, args.device, full=args.full_retain_eval)
-    target_eval = _cached_eval(paths["target"], task, args.device, retain_reference=retain_eval)
+    retain_eval = _cached_eval(paths["retain"], task, args.device, full=args.full_retain_eval, progress=progress)
+    target_eval = _cached_eval(paths["target"], task, args.device, retain_reference=retain_eval, progress=progress)
 
     work = temp_dir_beside(out)  # nothing half-written at --out: the run folder appears whole at the end
     try:
@@ -96,12 +99,13 @@ def run(args) -> int:
         model, tokenizer = load_model(str(paths["target"]), device=args.device)
         # No out_dir: the run folder is fresh each time (nothing to resume), and the demo saves the model itself.
         info = unlearn(model, tokenizer, args.method, task.forget, task.retain_train_for_unlearning,
-                       config=DEMO_CONFIG.get(args.method))
+                       config=DEMO_CONFIG.get(args.method), progress=progress)
         run_info = {k: v for k, v in info.items() if k != "model"}
         save_model(info["model"], tokenizer, work / "unlearned", kind="unlearn",
                    extra_files={"run.json": json.dumps(run_info, indent=1, default=str)})
         _log("4/5 evaluate the unlearned model")
-        unlearned_eval = evaluate_tofu(info["model"], tokenizer, task, retain_reference=retain_eval)
+        unlearned_eval = evaluate_tofu(info["model"], tokenizer, task, retain_reference=retain_eval,
+                                       progress=progress)
         _log("5/5 write the run folder")
         evals = {"retain": retain_eval, "target": target_eval, f"unlearned ({args.method})": unlearned_eval}
         for name, result in evals.items():

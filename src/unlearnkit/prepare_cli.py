@@ -10,6 +10,7 @@ def add_commands(sub) -> None:
     t = psub.add_parser("tofu", help="TOFU: target (forget+retain authors) and retain (retain authors) models")
     t.add_argument("--split", default="mini", choices=["forget01", "forget05", "forget10", "mini"])
     t.add_argument("--force", action="store_true", help="re-train even if cached")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(t)
     add_format_args(t)
     add_train_args(t, defaults="finetune")
@@ -23,7 +24,8 @@ def run(args) -> int:
     cfg = train_config(args, "finetune")  # TrainConfig validates the numbers before anything is loaded
     check_model_args(args)
     paths = prepare_tofu(args.split, args.model, cfg, prompt_format(args), args.max_length, dtype=args.dtype,
-                         device=args.device, force=args.force, trust_remote_code=args.trust_remote_code)
+                         device=args.device, force=args.force, trust_remote_code=args.trust_remote_code,
+                         progress=not args.quiet)
     for role, path in paths.items():
         print(f"{role}\t{path}")
     return 0
