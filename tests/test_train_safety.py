@@ -193,8 +193,11 @@ def test_option_ranges(config, message):
         resolve_config("npo", config)
 
 
-def test_yaml_style_numbers_are_accepted():
+def test_yaml_style_numbers_and_null_optionals_are_accepted():
     assert resolve_config("npo", {"lr": "1e-5"})["lr"] == 1e-5  # YAML 1.1 reads 1e-5 as a string
+    assert resolve_config("npo", {"max_grad_norm": None})["max_grad_norm"] is None  # no clipping
+    with pytest.raises(UserError, match="beta: expected a number"):
+        resolve_config("npo", {"beta": None})
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -44,8 +44,8 @@ _NONE_DEFAULT_TYPES = {"max_steps": int, "max_grad_norm": float, "retain_batch_s
 def _typed(key: str, value, default, per_topic: bool):
     """value converted to the type `default` (or the declared type) implies; UserError naming the key otherwise."""
     kind = _NONE_DEFAULT_TYPES.get(key) if default is None else type(default)
-    if value is None and default is None or kind is None:
-        return value
+    if kind is None or (value is None and (default is None or key in _NONE_DEFAULT_TYPES)):
+        return value  # None is a real setting of the optional keys (e.g. max_grad_norm: null = no clipping)
     if per_topic and isinstance(value, (list, tuple)):
         return [_typed(key, v, default, False) for v in value]
     if kind in (int, float) and isinstance(value, str):  # YAML reads 1e-5 as a string
