@@ -242,7 +242,10 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
         if world > 1:
             total_loss = _average_grads(params, world, device, total_loss)
         # The total norm is computed either way: a non-finite gradient stops training before it reaches the weights.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        if cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         if not math.isfinite(grad_norm):
             stop(f"gradient norm is {grad_norm}")
         optimizer.step()
