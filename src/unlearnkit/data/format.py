@@ -102,11 +102,49 @@ def encode_qa(tokenizer, question: str, answer: str, fmt: PromptFormat = PromptF
     produce after the prompt (same as generation sees).
     """
     prompt_ids = encode_prompt(tokenizer, question, fmt)
+    answer_ids = encode_answer(tokenizer, answer, fmt)
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
+
+
+def encode_answer(tokenizer, answer: str, fmt: PromptFormat = PromptFormat()) -> list[int]:
+    """The labelled ids of an answer: answer + end-of-turn (chat) or + EOS (plain), tokenised on its own."""
     answer_ids = tokenizer(answer_text(tokenizer, answer, fmt), add_special_tokens=False)["input_ids"]
     if fmt.kind == "plain" and tokenizer.eos_token_id is not None and (
             not answer_ids or answer_ids[-1] != tokenizer.eos_token_id):
         answer_ids = answer_ids + [tokenizer.eos_token_id]
-    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
+    return answer_ids
+
+
+def conversation_text(tokenizer, messages: list[dict], fmt: PromptFormat = PromptFormat()) -> str:
+    """The prompt text of a conversation (usually ending with a user turn), in the format's rendering (what the model sees
+    before its answer). One user message gives exactly `prompt_text`. Longer conversations follow the same rules:
+    with no system prompt in the format and none in the messages, they are rendered as later turns (no default
+    system prompt injected by the template); the format's system prompt is used when the messages have none; a
+    system message of their own is kept."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return prompt_text(tokenizer, messages[0]["content"], fmt)
+    if fmt.kind == "plain":
+        turns = {"system": "{}\n", "user": "Question: {}\nAnswer:", "assistant": " {}\n"}
+        text = "".join(turns[m["role"]].format(m["content"]) for m in messages)
+        return text if messages[-1]["role"] == "user" else text + "Answer:"
+    render = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if messages[0]["role"] == "system":
+        return render(messages)
+    if fmt.system_prompt is not None:
+        return render([{"role": "system", "content": fmt.system_prompt}] + messages)
+    # As for one question: after an opening exchange the template adds no system prompt.
+    opener = [{"role": "user", "content": "\x03"}, {"role": "assistant", "content": "\x04"}]
+    before = tokenizer.apply_chat_template(opener, tokenize=False, add_generation_prompt=False)
+    full = render(opener + messages)
+    if not full.startswith(before):
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r}: chat template is not prefix-stable; use a "
+                        "system message or --prompt-format plain")
+    return full[len(before):]
+
+
+def encode_conversation(tokenizer, messages: list[dict], fmt: PromptFormat = PromptFormat()) -> list[int]:
+    """Token ids of `conversation_text` (BOS, if the tokenizer adds one, in front)."""
+    return tokenizer(conversation_text(tokenizer, messages, fmt), add_special_tokens=True)["input_ids"]
 
 
 def encode_text(tokenizer, text: str) -> dict:

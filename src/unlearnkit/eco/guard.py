@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.format import IGNORE, PromptFormat, chat_pieces, encode_prompt, prompt_text
+from ..data.format import IGNORE, PromptFormat, chat_pieces, encode_conversation, encode_prompt, prompt_text
 from ..errors import UserError
 from ..files import check_out_dir, publish_dir, temp_dir_beside, write_json_atomic
 from .classifier import PromptClassifier
@@ -126,34 +126,9 @@ class EcoGuard:
         return input_ids, attention, list(questions)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat conversation rendered in the guard's prompt format, the one sigma was fitted with.
-
-        A single user message gives exactly `encode_prompt` (what fitting and evaluation used). Longer
-        conversations follow the same rules: with no system prompt in the format and none in the request, the
-        conversation is rendered as later turns (no default system prompt injected by the template); the format's
-        system prompt is used when the request has none; a request's own system message is kept."""
-        if len(messages) == 1 and messages[0]["role"] == "user":
-            return encode_prompt(self.tokenizer, messages[0]["content"], self.fmt)
-        if self.fmt.kind == "plain":
-            turns = {"system": "{}\n", "user": "Question: {}\nAnswer:", "assistant": " {}\n"}
-            text = "".join(turns[m["role"]].format(m["content"]) for m in messages)
-            if messages[-1]["role"] != "user":
-                text += "Answer:"
-            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        render = lambda msgs, gen: self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                                      add_generation_prompt=gen)
-        if messages[0]["role"] == "system":
-            text = render(messages, True)
-        elif self.fmt.system_prompt is not None:
-            text = render([{"role": "system", "content": self.fmt.system_prompt}] + messages, True)
-        else:
-            # As data.format does for one question: after an opening exchange the template adds no system prompt.
-            opener = [{"role": "user", "content": "\x03"}, {"role": "assistant", "content": "\x04"}]
-            before, full = render(opener, False), render(opener + messages, True)
-            if not full.startswith(before):
-                raise UserError("chat template is not prefix-stable; serve this artifact with a system message")
-            text = full[len(before):]
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        """Token ids of a chat conversation rendered in the guard's prompt format, the one sigma was fitted with
+        (data.format.conversation_text: a single user message gives exactly `encode_prompt`)."""
+        return encode_conversation(self.tokenizer, messages, self.fmt)
 
     @torch.no_grad()
     def generate(self, questions: list[str], max_new_tokens: int = 64, guard: bool = True,
