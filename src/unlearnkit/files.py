@@ -144,6 +144,18 @@ def publish_dir(tmp, out, kind: str) -> Path:
     return out
 
 
+def write_folder(out, kind: str, write) -> Path:
+    """Run `write(tmp)` into a fresh temporary folder beside `out`, then publish it whole as `out`; on failure
+    nothing is left behind. The caller has checked `out` with `check_out_dir(out, kind)` before any work."""
+    tmp = temp_dir_beside(out)
+    try:
+        write(tmp)
+        return publish_dir(tmp, out, kind)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def temp_dir_beside(out) -> Path:
     """A fresh temporary folder next to `out` (same filesystem, so `publish_dir` is a rename)."""
     out = Path(out)

@@ -6,12 +6,11 @@ only), then writes its results into a temporary folder beside --out and publishe
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from ..cli_common import add_format_args, add_model_args, check_model_args, prompt_format
 from ..errors import UserError
-from ..files import check_out_dir, publish_dir, temp_dir_beside, write_json_atomic
+from ..files import check_out_dir, write_folder, write_json_atomic
 from .limits import at_least
 
 BATCH_SIZE = 32  # the evaluators' default too
@@ -123,17 +122,6 @@ def _guard(args, model, tokenizer):
     return EcoGuard.load(args.eco, model, tokenizer, device=str(next(model.parameters()).device))
 
 
-def _publish(out: Path, kind: str, write) -> None:
-    """Run `write(tmp)` into a temporary folder beside `out`, then publish it whole; on failure leave nothing."""
-    tmp = temp_dir_beside(out)
-    try:
-        write(tmp)
-        publish_dir(tmp, out, kind)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def run_tofu(args) -> int:
     from ..data import tofu
     from ..data.qa import load_qa
@@ -180,7 +168,7 @@ def run_tofu(args) -> int:
         write_eval(tmp, ev)
         rows["model"] = ev["summary"]
 
-    _publish(out, KIND["tofu"], write)
+    write_folder(out, KIND["tofu"], write)
     print(summary_table({"model": rows["model"], **({"retain": rows["retain"]} if "retain" in rows else {})}))
     print(f"wrote {out / 'EVAL.json'} and {out / 'SUMMARY.json'}" + (f" (retain model: {out / 'retain'})"
                                                                         if args.retain_model else ""))
@@ -201,7 +189,7 @@ def run_aggregate(args) -> int:
             write_json_atomic(folder / "SUMMARY.json", s)
             rows[Path(p).name or str(p)] = s
 
-    _publish(out, KIND["aggregate"], write)
+    write_folder(out, KIND["aggregate"], write)
     print(summary_table(rows))
     match = {s.get("retain_log_match") for _, s in summaries} - {None}
     if match:
@@ -236,7 +224,7 @@ def run_muse(args) -> int:
                                      verbmem_prompt_tokens=args.verbmem_prompt_tokens)
         write_eval(tmp, evs["model"])
 
-    _publish(out, KIND["muse"], write)
+    write_folder(out, KIND["muse"], write)
     _print_summary(evs["model"]["summary"])
     return 0
 
@@ -264,7 +252,7 @@ def run_mcq(args) -> int:
                                     progress=not args.quiet)
         write_eval(tmp, evs["model"])
 
-    _publish(out, KIND["mcq"], write)
+    write_folder(out, KIND["mcq"], write)
     _print_summary(evs["model"]["summary"])
     return 0
 

@@ -1,0 +1,1 @@
+"""Attacks on unlearning results: relearning, jailbreak / extraction prompts, GCG suffixes (docs/attacks.md)."""
