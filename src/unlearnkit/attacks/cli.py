@@ -275,9 +275,11 @@ def run_jailbreak(args) -> int:
         gcg_cfg = GCGConfig(suffix_len=args.gcg_suffix_len, top_k=args.gcg_top_k, candidates=args.gcg_candidates,
                             steps=args.gcg_steps, seed=args.seed, target_tokens=args.gcg_target_tokens)
     out, subjects, controls, log, rows, fmt = _check(args, KIND["jailbreak"])
-    plan = gcg_plan(len(rows), args.gcg_n, args.gcg_universal_n, args.seed)
-    if args.gcg_n > len(rows):
-        raise UserError(f"--gcg-n {args.gcg_n}: the forget set has {len(rows)} rows")
+    plan = None
+    if gcg_cfg is not None:
+        if args.gcg_n > len(rows):
+            raise UserError(f"--gcg-n {args.gcg_n}: the forget set has {len(rows)} rows")
+        plan = gcg_plan(len(rows), args.gcg_n, args.gcg_universal_n, args.seed)
     subjects = _prepared(args, subjects, fmt)
     results, samples = {}, {}
     for s in subjects:
@@ -311,8 +313,9 @@ def run_jailbreak(args) -> int:
                                                     "forget_quality_reference": where}
     settings = {"attacks": attacks, "k": args.k, "prefill_tokens": args.prefill_tokens, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "prompt_format": vars(fmt),
-                "gcg": vars_of(gcg_cfg) if gcg_cfg else None, "gcg_rows": plan.per_question,
-                "gcg_universal_fit_rows": plan.universal_fit}
+                "gcg": vars_of(gcg_cfg) if gcg_cfg else None,
+                "gcg_rows": plan.per_question if plan else None,
+                "gcg_universal_fit_rows": plan.universal_fit if plan else None}
     doc = {"attack": "jailbreak", "split": args.split, "settings": settings, "notes": _notes(subjects),
            "subjects": results, "summary": summary}
 
