@@ -211,3 +211,31 @@ def test_jailbreak_cli_with_controls_and_an_eco_guard(tmp_path, tiny_model_dir, 
     assert doc["summary"]["eco:g"]["clean"]["forget_prob"] != doc["summary"]["tiny"]["clean"]["forget_prob"]
     assert doc["notes"] and "black-box" in doc["notes"][0]
     assert (out / "JAILBREAK.png").stat().st_size > 1000
+
+
+def test_jailbreak_cli_gcg_per_question_and_universal(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "gcg"
+    argv = ["attack", "jailbreak", "--model", str(tiny_model_dir), "--controls", "none", "--attacks",
+            "gcg,gcg_universal", "--limit", "3", "--gcg-n", "1", "--gcg-universal-n", "1", "--gcg-steps", "2",
+            "--gcg-candidates", "4", "--gcg-suffix-len", "3", "--gcg-top-k", "8", "--max-new-tokens", "2", "--quiet",
+            "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads((out / "ATTACK.json").read_text())
+    per = doc["summary"]["tiny"]
+    assert list(per) == ["clean", "gcg", "clean@gcg", "gcg_universal", "clean@gcg_universal"]
+    assert per["gcg"]["n"] == 1 and per["gcg_universal"]["n"] == 2 and per["clean@gcg_universal"]["n"] == 2
+    attacks = doc["subjects"]["tiny"]["attacks"]
+    (row,) = doc["settings"]["gcg_rows"]
+    detail = attacks["gcg"]["gcg"]["per_question"][0]
+    assert detail["row"] == row and len(detail["suffix_ids"]) == 3 and detail["loss"] <= detail["initial_loss"]
+    universal = attacks["gcg_universal"]
+    assert universal["gcg"]["fit_rows"] == doc["settings"]["gcg_universal_fit_rows"]
+    assert not set(universal["rows"]) & set(universal["gcg"]["fit_rows"])  # scored on unseen questions only
+    samples = json.loads((out / "SAMPLES.json").read_text())["tiny"]
+    # The per-question attacked prompt is the question's prompt with the found suffix inserted before the turn end.
+    from unlearnkit.attacks.gcg import gcg_targets
+    from unlearnkit.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    target = gcg_targets(tok, [(ROWS[row]["question"], ROWS[row]["answer"])])[0]
+    assert samples["gcg"]["attacked_prompt"][0] == tok.decode(target.prompt_ids(detail["suffix_ids"]))

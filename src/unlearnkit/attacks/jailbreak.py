@@ -173,9 +173,8 @@ def _gcg_per_question(model, tokenizer, rows, idx, ctx, cfg, progress):
         target = gcg_targets(tokenizer, [(rows[i]["question"], rows[i]["answer"])], ctx.fmt)[0]
         result = run_gcg(model, [target], cfg, tokenizer=tokenizer, progress=progress)
         probes.append(_gcg_probe(target, result.suffix_ids, tokenizer))
-        details.append({"row": i, "suffix": result.suffix_text, "suffix_ids": list(result.suffix_ids),
-                        "loss_history": list(result.history), "seconds": result.seconds})
-    return idx, probes, {"per_question": details, "config": _config_dict(cfg)}
+        details.append({"row": i, **_gcg_details(result)})
+    return idx, probes, {"per_question": details, "config": result.config if idx else None}
 
 
 def _gcg_universal(model, tokenizer, rows, fit_idx, ctx, cfg, progress):
@@ -186,12 +185,9 @@ def _gcg_universal(model, tokenizer, rows, fit_idx, ctx, cfg, progress):
     held = [i for i in range(len(rows)) if i not in set(fit_idx)]  # scored on questions it was not fitted on
     targets = gcg_targets(tokenizer, [(rows[i]["question"], rows[i]["answer"]) for i in held], ctx.fmt)
     probes = [_gcg_probe(t, result.suffix_ids, tokenizer) for t in targets]
-    return held, probes, {"fit_rows": list(fit_idx), "suffix": result.suffix_text,
-                          "suffix_ids": list(result.suffix_ids), "loss_history": list(result.history),
-                          "seconds": result.seconds, "config": _config_dict(cfg)}
+    return held, probes, {"fit_rows": list(fit_idx), **_gcg_details(result), "config": result.config}
 
 
-def _config_dict(cfg) -> dict:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(cfg) if is_dataclass(cfg) else dict(cfg or {})
+def _gcg_details(result) -> dict:
+    return {"suffix": result.suffix_text, "suffix_ids": list(result.suffix_ids), "initial_loss": result.initial_loss,
+            "loss": result.loss, "loss_history": list(result.history), "seconds": result.seconds}
