@@ -12,7 +12,8 @@ from helpers import cli_error
 
 from unlearnkit.attacks import jailbreak as J
 from unlearnkit.attacks.relearn import RelearnConfig, relearn_curve, split_forget
-from unlearnkit.attacks.score import Probe, reference_rows, score_probes, summarize_forget
+from unlearnkit.attacks.score import Probe, score_probes, summarize_forget
+from unlearnkit.eval.aggregate import reference_rows
 from unlearnkit.cli import main
 from unlearnkit.data import tofu
 from unlearnkit.data.format import PromptFormat, encode_answer, encode_prompt, prompt_text

@@ -351,7 +351,8 @@ def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] 
 
 def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict] | None = None,
             config: dict | None = None, out_dir: str | os.PathLike | None = None, fmt: PromptFormat = PromptFormat(),
-            progress: bool = True, resume: bool = True, stop_after_steps: int | None = None) -> dict:
+            progress: bool = True, resume: bool = True, stop_after_steps: int | None = None,
+            monitor=None) -> dict:
     """Unlearn `forget` from `model` (in place) with `method`; keep `retain`.
 
     forget / retain: [{"question", "answer"}] QA rows or [{"text"}] raw-text rows; an optional "topic" field splits
@@ -359,6 +360,8 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
     defaults (see `resolve_config`). out_dir: where the HF model + tokenizer + run.json go (and the resume
     checkpoint while training): new, empty, or an earlier folder of `unlearn` (files.py). resume=True continues a
     checkpoint of the same run there (another run's checkpoint is an error); resume=False discards it.
+    monitor: a train/monitor.py Monitor — evaluation every N steps, recorded per step, and the kept step's weights
+    restored before saving (run.json "in_training_eval").
     Returns the run info (what run.json holds) plus "model": the unlearned model.
     """
     t_start = time.perf_counter()
@@ -371,9 +374,14 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
     rank = dist_info()[0]
     if out_dir is not None and rank == 0:
         claim_out_dir(out_dir, "unlearn")
+    if monitor is not None:
+        monitor.bind(model, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
     log = train(model, run.step_loss, run.schedule, run.train_cfg, out_dir=out_dir, params=run.params,
                 resume=resume, progress=progress, desc=method, stop_after_steps=stop_after_steps,
-                fingerprint=run.fingerprint, remove_checkpoint=False)
+                fingerprint=run.fingerprint, remove_checkpoint=False, extra_state=monitor,
+                on_step=monitor.on_step if monitor is not None else None,
+                on_start=monitor.start if monitor is not None else None)
+    kept = monitor.finish(len(log["steps"])) if monitor is not None and log.get("interrupted_at") is None else None
     if cfg["lora_r"] and cfg["lora_merge"]:
         model = model.merge_and_unload()
     for n, p in model.named_parameters():
@@ -390,6 +398,8 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
             "peak_memory_bytes": peak_memory_bytes(next(model.parameters()).device),
             "total_steps": log["total_steps"], "world_size": log["world_size"], "steps": steps,
             "interrupted_at": log.get("interrupted_at"), "versions": _versions(), "command": " ".join(sys.argv)}
+    if kept is not None:
+        info["in_training_eval"] = kept
     info = json.loads(json.dumps(info, default=str))
     if out_dir is not None and log.get("interrupted_at") is None and rank == 0:
         from .models import save_model

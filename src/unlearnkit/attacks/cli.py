@@ -168,7 +168,7 @@ def _check(args, kind: str):
 
 
 def _reference(log, rows):
-    from .score import reference_rows
+    from ..eval.aggregate import reference_rows
 
     return reference_rows(log, rows) if log is not None else None
 

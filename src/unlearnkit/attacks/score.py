@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.format import IGNORE, PromptFormat, encode_answer
-from ..errors import UserError
 from ..eval import metrics as M
-from ..eval.aggregate import strip_template, summarize
+from ..eval.aggregate import summarize
 from ..eval.generate import greedy_generate
 from ..eval.logprobs import sequence_stats
 
@@ -102,23 +101,3 @@ def summarize_forget(cols: dict, reference: dict | None, split: str | None = Non
     if why:
         out["null_reasons"] = why
     return out
-
-
-def reference_rows(reference_log: dict | None, rows: list[dict]) -> dict | None:
-    """The retain log's forget columns for exactly `rows` (matched by question, templates stripped), in order;
-    None when there is no log. A row the log lacks is an error naming it."""
-    if reference_log is None:
-        return None
-    ref = reference_log["sets"].get("forget")
-    if ref is None or "question" not in ref:
-        raise ValueError(f"{reference_log.get('source', 'retain log')}: no forget questions to match rows by")
-    where = {strip_template(q): i for i, q in enumerate(ref["question"])}
-    picked = []
-    for row in rows:
-        i = where.get(strip_template(row["question"]))
-        if i is None:
-            raise UserError(f"{reference_log.get('source', 'retain log')}: has no forget row for question "
-                            f"{row['question'][:60]!r} (retain log of another split?)")
-        picked.append(i)
-    keep = ("question", "answer", "avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss")
-    return {k: [ref[k][i] for i in picked] for k in keep if k in ref}

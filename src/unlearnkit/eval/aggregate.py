@@ -216,6 +216,26 @@ def match_reference(ev: dict, ref: dict) -> str | None:
     return "count"
 
 
+def reference_rows(reference_log: dict | None, rows: list[dict]) -> dict | None:
+    """The retain log's forget columns for exactly `rows` (matched by question, templates stripped), in order;
+    None when there is no log. A row the log lacks is an error naming it."""
+    if reference_log is None:
+        return None
+    ref = reference_log["sets"].get("forget")
+    if ref is None or "question" not in ref:
+        raise ValueError(f"{reference_log.get('source', 'retain log')}: no forget questions to match rows by")
+    where = {strip_template(q): i for i, q in enumerate(ref["question"])}
+    picked = []
+    for row in rows:
+        i = where.get(strip_template(row["question"]))
+        if i is None:
+            raise UserError(f"{reference_log.get('source', 'retain log')}: has no forget row for question "
+                            f"{row['question'][:60]!r} (retain log of another split?)")
+        picked.append(i)
+    keep = ("question", "answer", "avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss")
+    return {k: [ref[k][i] for i in picked] for k in keep if k in ref}
+
+
 def _set_summary(name: str, cols: dict, variant: str, out: dict, why: dict) -> None:
     p = PREFIX[name]
     forget = name == "forget"

@@ -37,6 +37,14 @@ def add_commands(sub) -> None:
                    "--set layer=11; the keys are in docs/methods.md")
     p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (merged on save)")
     p.add_argument("--no-merge", action="store_true", help="with --lora-r: save the adapters, not a merged model")
+    ev = p.add_argument_group("in-training evaluation (TOFU splits)")
+    ev.add_argument("--eval-every", type=int, default=None, metavar="N", help="every N steps (and at the end): "
+                    "teacher-forced forget p(a|q), truth ratio, forget quality (with --retain-log) and retain p, "
+                    "logged per step in run.json")
+    ev.add_argument("--retain-log", default=None, metavar="EVAL.json",
+                    help="the retain model's `eval tofu` log of the split: forget quality during training")
+    ev.add_argument("--keep", default="last", metavar="RULE", help="which step's model to save: last (default) or "
+                    "best:METRIC[,NAME>=X...], e.g. best:forget_quality,retain_prob>=0.9 (docs/methods.md)")
     p.add_argument("--out", default=None, help="output folder (default: runs/unlearn-METHOD)")
     p.add_argument("--restart", "--no-resume", dest="restart", action="store_true",
                    help="discard a checkpoint left in --out by an interrupted run and start over (without it, a "
@@ -126,6 +134,7 @@ def run(args) -> int:
     out = args.out or f"runs/unlearn-{args.method}"
     inputs = [args.model, args.config, args.retain, args.retain_corpus, *args.forget, *args.forget_corpus]
     check_out_dir(out, "unlearn", inputs=[i for i in inputs if i and os.path.exists(i)])
+    make_monitor = in_training_eval(args, fmt)
     model_path, forget, retain = load_data(args, fmt)
     if model_path != args.model:  # the prepared TOFU target: never write inside it either
         check_out_dir(out, "unlearn", inputs=[model_path])
@@ -136,7 +145,8 @@ def run(args) -> int:
                                   trust_remote_code=args.trust_remote_code)
     try:
         info = unlearn(model, tokenizer, args.method, forget, retain, config, out_dir=out, fmt=fmt,
-                       progress=not args.quiet, resume=not args.restart)
+                       progress=not args.quiet, resume=not args.restart,
+                       monitor=make_monitor(tokenizer) if make_monitor else None)
     except NonFiniteLoss as e:
         print(f"unlearnkit: error: {e}", file=sys.stderr)
         return 1
@@ -144,4 +154,50 @@ def run(args) -> int:
         last = info["steps"][-1] if info["steps"] else {}
         print(f"{args.method}: {len(info['steps'])} steps, {info['seconds_per_step'] or 0:.3f} s/step, "
               f"final loss {last.get('loss', float('nan')):.4f}; model saved to {out}")
+    if "in_training_eval" in info:
+        kept = info["in_training_eval"]
+        print(f"kept step {kept['kept_step']} ({kept['rule']})" + (f": {kept['note']}" if kept.get("note") else ""))
     return 0
+
+
+EVAL_KEYS = ("forget_prob", "forget_truth_ratio", "forget_quality", "retain_prob", "retain_truth_ratio")
+
+
+def in_training_eval(args, fmt):
+    """A function tokenizer → Monitor for --eval-every / --keep (every option checked now, before any work), or
+    None."""
+    from ..train.monitor import KeepRule, Monitor
+
+    rule = KeepRule.parse(args.keep)
+    if args.eval_every is None:
+        if rule is not None or args.retain_log:
+            raise UserError(f"{'--keep' if rule else '--retain-log'} needs --eval-every N")
+        return None
+    if isinstance(args.eval_every, bool) or args.eval_every < 1:
+        raise UserError(f"--eval-every: must be a whole number >= 1 (got {args.eval_every!r})")
+    if not args.split:
+        raise UserError("--eval-every: in-training evaluation runs on a TOFU --split")
+    from ..data import tofu
+    from ..eval.aggregate import load_log, reference_rows
+    from ..eval.tofu import evaluate_tofu
+
+    reference = load_log(args.retain_log) if args.retain_log else None
+    task = tofu.task(args.split)
+    if reference is not None:
+        reference_rows(reference, task.forget)  # every forget row must be in the retain log
+    if rule is not None:
+        unknown = rule.names() - set(EVAL_KEYS)
+        if unknown:
+            raise UserError(f"--keep {rule.text!r}: {sorted(unknown)[0]!r} is not evaluated during training; "
+                            f"choose from {', '.join(EVAL_KEYS)}")
+        if "forget_quality" in rule.names() and reference is None:
+            raise UserError(f"--keep {rule.text!r}: forget quality needs --retain-log")
+    def make(tokenizer) -> Monitor:
+        def evaluate(model) -> dict:
+            summary = evaluate_tofu(model, tokenizer, task, retain_reference=reference, fmt=fmt, generate=False,
+                                    only_sets=("forget", "retain"), progress=False)["summary"]
+            return {k: summary.get(k) for k in EVAL_KEYS}
+
+        return Monitor(evaluate, args.eval_every, keep=rule)
+
+    return make

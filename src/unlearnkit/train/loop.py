@@ -166,7 +166,8 @@ def default_fingerprint(cfg: TrainConfig, world: int) -> dict:
 def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | os.PathLike | None = None,
           params: list[torch.nn.Parameter] | None = None, resume: bool = True, progress: bool = True,
           desc: str = "train", stop_after_steps: int | None = None, on_step: Callable | None = None,
-          fingerprint: dict | None = None, remove_checkpoint: bool = True) -> dict:
+          fingerprint: dict | None = None, remove_checkpoint: bool = True, extra_state=None,
+          on_start: Callable | None = None) -> dict:
     """Run the loop; returns the log {"config", "steps": [...], "seconds", ...}.
 
     `params`: the parameters to train (default: all with requires_grad). `out_dir/checkpoint/` holds the resume
@@ -175,7 +176,9 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     method, data and model hashes — differs) is an error naming the differing keys; resume=False discards it.
     Checkpoints hold only finite weights and optimizer state; a step that makes them non-finite stops training.
     `remove_checkpoint`: delete the checkpoint at the end (callers that save the result first pass False).
-    `stop_after_steps` simulates a kill (tests).
+    `stop_after_steps` simulates a kill (tests). `extra_state`: an object with state_dict() / load_state_dict()
+    saved in and restored from the checkpoint (e.g. train/monitor.py's best step). `on_start(total_steps)` runs
+    once the checkpoint (if any) is loaded, before the first step.
     """
     seed_everything(cfg.seed)
     device = next(model.parameters()).device
@@ -197,10 +200,12 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     step = 0
     if ckpt_dir and (ckpt_dir / STATE_FILE).is_file():
         if resume:
-            step, log = _load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, run_identity)
+            step, log = _load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, run_identity, extra_state)
         elif rank == 0:
             shutil.rmtree(ckpt_dir)  # asked to start over: the old checkpoint is discarded deliberately
 
+    if on_start:
+        on_start(total_steps)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
@@ -262,11 +267,11 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
         if on_step:
             on_step(step, entry)
         if ckpt_dir and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity)
+            _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity, extra_state)
         if stop_after_steps is not None and step >= stop_after_steps and step < total_steps:
             bar.close()
             if ckpt_dir and rank == 0:
-                _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity)
+                _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity, extra_state)
             log["interrupted_at"] = step
             return log
     bar.close()
@@ -320,7 +325,8 @@ def _optimizer_tensors(optimizer):
     return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
-def _save_checkpoint(ckpt_dir: Path, step, model, params, optimizer, scheduler, log, fingerprint) -> bool:
+def _save_checkpoint(ckpt_dir: Path, step, model, params, optimizer, scheduler, log, fingerprint,
+                     extra_state=None) -> bool:
     """Write the resume state atomically; never a non-finite one (the previous checkpoint is kept instead)."""
     if not (all_finite(params) and all_finite(_optimizer_tensors(optimizer))):
         return False
@@ -329,7 +335,8 @@ def _save_checkpoint(ckpt_dir: Path, step, model, params, optimizer, scheduler, 
     trainable = {n: names[n].detach().cpu().clone() for n in _param_names(model, params)}
     state = {"step": step, "params": trainable, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "log": log, "fingerprint": fingerprint,
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+             "extra": extra_state.state_dict() if extra_state is not None else None}
     tmp = ckpt_dir / f"{STATE_FILE}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, ckpt_dir / STATE_FILE)  # a kill mid-write leaves the previous checkpoint intact
@@ -358,7 +365,7 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
             for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
 
 
-def _load_checkpoint(ckpt_dir: Path, model, params, optimizer, scheduler, fingerprint):
+def _load_checkpoint(ckpt_dir: Path, model, params, optimizer, scheduler, fingerprint, extra_state=None):
     try:
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
         saved = state["fingerprint"] if isinstance(state, dict) and "fingerprint" in state else None
@@ -384,4 +391,6 @@ def _load_checkpoint(ckpt_dir: Path, model, params, optimizer, scheduler, finger
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
+    if extra_state is not None and state.get("extra") is not None:
+        extra_state.load_state_dict(state["extra"])
     return state["step"], state["log"]
