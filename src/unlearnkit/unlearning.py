@@ -293,6 +293,19 @@ def _data_identity(examples: list[dict]) -> str:
     return _sha([(ex["input_ids"], ex["labels"], ex.get("topic")) for ex in examples])
 
 
+def _events_to_keep(live_log, out_dir) -> dict:
+    """{"tb": folder} when the live log writes into out_dir/tb: the published run folder keeps its events."""
+    from .train.live_log import TB_DIR
+
+    if live_log is None:
+        return {}
+    live_log.close_files()  # complete on disk before the copy; publishing replaces the folder it was in
+    own = os.path.realpath(os.path.join(out_dir, TB_DIR))
+    if live_log.log_dir is not None and os.path.realpath(live_log.log_dir) == own and os.path.isdir(own):
+        return {TB_DIR: own}
+    return {}
+
+
 @dataclass
 class Run:
     """A method ready to train: what `unlearn` passes to the loop (tests use it to check losses step by step)."""
@@ -351,7 +364,8 @@ def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] 
 
 def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict] | None = None,
             config: dict | None = None, out_dir: str | os.PathLike | None = None, fmt: PromptFormat = PromptFormat(),
-            progress: bool = True, resume: bool = True, stop_after_steps: int | None = None) -> dict:
+            progress: bool = True, resume: bool = True, stop_after_steps: int | None = None,
+            live_log=None) -> dict:
     """Unlearn `forget` from `model` (in place) with `method`; keep `retain`.
 
     forget / retain: [{"question", "answer"}] QA rows or [{"text"}] raw-text rows; an optional "topic" field splits
@@ -359,6 +373,8 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
     defaults (see `resolve_config`). out_dir: where the HF model + tokenizer + run.json go (and the resume
     checkpoint while training): new, empty, or an earlier folder of `unlearn` (files.py). resume=True continues a
     checkpoint of the same run there (another run's checkpoint is an error); resume=False discards it.
+    live_log: a train.live_log.LiveLog fed every step (TensorBoard / wandb); when it writes into out_dir/tb, the
+    published folder carries the events. The caller closes it (it may log more, e.g. an evaluation, afterwards).
     Returns the run info (what run.json holds) plus "model": the unlearned model.
     """
     t_start = time.perf_counter()
@@ -373,7 +389,8 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
         claim_out_dir(out_dir, "unlearn")
     log = train(model, run.step_loss, run.schedule, run.train_cfg, out_dir=out_dir, params=run.params,
                 resume=resume, progress=progress, desc=method, stop_after_steps=stop_after_steps,
-                fingerprint=run.fingerprint, remove_checkpoint=False)
+                fingerprint=run.fingerprint, remove_checkpoint=False,
+                on_step=live_log.on_step if live_log is not None else None)
     if cfg["lora_r"] and cfg["lora_merge"]:
         model = model.merge_and_unload()
     for n, p in model.named_parameters():
@@ -395,6 +412,7 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
         from .models import save_model
 
         # Replaces the run folder (checkpoint included) in one rename, only after the model is written.
-        save_model(model, tokenizer, out_dir, extra_files={"run.json": json.dumps(info, indent=1)}, kind="unlearn")
+        save_model(model, tokenizer, out_dir, extra_files={"run.json": json.dumps(info, indent=1)}, kind="unlearn",
+                   extra_dirs=_events_to_keep(live_log, out_dir))
     info["model"] = model
     return info
