@@ -71,3 +71,21 @@ def train_config(args, defaults: str | dict = "finetune"):
         if value is not None:
             values[name] = value
     return TrainConfig(**values)
+
+
+def add_log_args(p: argparse.ArgumentParser) -> None:
+    """Live training logs (train/live_log.py): TensorBoard events in the run folder, wandb on request."""
+    g = p.add_argument_group("live logs")
+    g.add_argument("--no-tensorboard", action="store_true",
+                   help="write no TensorBoard events (default: into the run folder's tb/ when tensorboard is installed)")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (wandb installed and logged in)")
+    g.add_argument("--wandb-project", default=None, metavar="NAME", help="wandb project (implies --wandb)")
+
+
+def log_options(args):
+    """LogOptions from the flags, checked before any work: an unusable --wandb is a one-line error; a missing
+    tensorboard package only a one-line notice."""
+    from .train.live_log import LogOptions, WandbSettings
+
+    wandb = WandbSettings(args.wandb_project) if args.wandb or args.wandb_project else None
+    return LogOptions(tensorboard=not args.no_tensorboard, wandb=wandb).check()

@@ -25,8 +25,9 @@ from typing import Iterable
 from .errors import UserError
 
 MARKER = ".unlearnkit.json"  # {"kind": ..., "files": [top-level names written], "written": time}
-# Names a command may leave in its folder while it works (besides what its marker lists).
-WORK_NAMES = {"unlearn": {"checkpoint"}, "prepare": {"checkpoint"}}
+# Names a command may leave in its folder while it works (besides what its marker lists): the resume checkpoint and
+# the live TensorBoard events (train/live_log.py), which the published folder then carries.
+WORK_NAMES = {"unlearn": {"checkpoint", "tb"}, "prepare": {"checkpoint", "tb"}}
 # Folders written before the marker existed: (signature file, every name such a folder may hold).
 LEGACY = {"demo": ("summary.json", {"summary.json", "summary.txt", "eval", "unlearned"}),
           "eco fit": ("eco.json", {"eco.json", "classifier.json", "metrics.json", "search.json"})}

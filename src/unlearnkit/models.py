@@ -338,17 +338,19 @@ def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype | No
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None,
-               kind: str = "model", inputs=(), option: str = "--out") -> Path:
+               kind: str = "model", inputs=(), option: str = "--out",
+               extra_dirs: dict[str, str | os.PathLike] | None = None) -> Path:
     """Save in HF format (safetensors + tokenizer) so transformers / vLLM load it.
 
     Written in a temporary folder beside `out_dir`, then published whole (files.publish_dir). An existing `out_dir`
     is replaced only if it is new, empty or an earlier output of the same `kind` (e.g. "unlearn", "prepare");
     anything else — a user's folder, an input in `inputs` — is refused with a UserError and nothing is written.
-    Non-finite weights are refused too."""
+    Non-finite weights are refused too. `extra_dirs` {name: folder}: folders copied in under `name` (e.g. the
+    run's TensorBoard events, which may live in `out_dir` itself while training)."""
     from .files import check_out_dir, publish_dir, temp_dir_beside
     from .train.loop import all_finite
 
-    for name in extra_files or {}:
+    for name in [*(extra_files or {}), *(extra_dirs or {})]:
         if Path(name).name != name or name.startswith("."):
             raise ValueError(f"save_model: extra file name {name!r} must be a plain file name")
     out = check_out_dir(out_dir, kind, inputs=inputs, option=option)
@@ -361,6 +363,8 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[s
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        for name, src in (extra_dirs or {}).items():
+            shutil.copytree(src, tmp / name)  # a copy: if publishing fails, the original is still in place
         publish_dir(tmp, out, kind)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # our fresh temporary folder; gone already once published

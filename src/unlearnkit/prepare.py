@@ -18,6 +18,7 @@ from .files import check_out_dir, claim_out_dir
 from .models import (DEFAULT_MODEL, cache_dir, check_device, default_device, load_model, model_fingerprint,
                      resolve_dtype, resolve_model_path, save_model)
 from .train.finetune import finetune
+from .train.live_log import TB_DIR
 from .train.loop import TrainConfig
 
 # lr 2e-4 for 5 epochs: lower settings leave a small model's facts half-learned, which makes every unlearning result
@@ -48,11 +49,12 @@ def prepared_dir(split: str, model: str | None, cfg: TrainConfig, fmt: PromptFor
 def prepare_tofu(split: str = "mini", model: str | None = None, cfg: TrainConfig | None = None,
                  fmt: PromptFormat = PromptFormat(), max_length: int = 512, dtype: str | None = None,
                  device: str | None = None, force: bool = False, progress: bool = True,
-                 trust_remote_code: bool = False) -> dict[str, Path]:
+                 trust_remote_code: bool = False, logs=None) -> dict[str, Path]:
     """Fine-tune (or reuse cached) target and retain models for a TOFU split; returns {"target": dir, "retain": dir}.
 
     Only ever replaces its own cache folders (marked by files.claim_out_dir / publish_dir); every input is checked
-    before any training starts."""
+    before any training starts. logs: a train.live_log.LogOptions; each fine-tune then writes its live log into
+    its work folder's tb/, which the prepared model folder keeps (`tensorboard --logdir` the split's cache folder)."""
     task = tofu.task(split)
     cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
@@ -75,12 +77,19 @@ def prepare_tofu(split: str = "mini", model: str | None = None, cfg: TrainConfig
         claim_out_dir(work, "prepare", files=["train_log.json"])
         net, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         print(f"[prepare] {split}: fine-tuning the {role} model on {len(items)} QA", file=sys.stderr)
-        log = finetune(net, tokenizer, items, cfg, out_dir=work, fmt=fmt, max_length=max_length,
-                       source=f"TOFU {split} {role}", progress=progress, desc=f"{role} fine-tune")
+        live = logs.open(work, name=f"prepare-{split}-{role}", config=asdict(cfg)) if logs else None
+        try:
+            log = finetune(net, tokenizer, items, cfg, out_dir=work, fmt=fmt, max_length=max_length,
+                           source=f"TOFU {split} {role}", progress=progress, desc=f"{role} fine-tune",
+                           on_step=live.on_step if live else None)
+        finally:
+            if live is not None:
+                live.close()
         meta = {"role": role, "split": split, "base_model": str(model or DEFAULT_MODEL), "n_train": len(items),
                 "prompt_format": asdict(fmt), "max_length": max_length, "train_log": log}
+        events = work / TB_DIR
         save_model(net, tokenizer, out, extra_files={"unlearnkit_prepare.json": json.dumps(meta, indent=1)},
-                   kind="prepare", inputs=inputs)
+                   kind="prepare", inputs=inputs, extra_dirs={TB_DIR: events} if live and live.log_dir and events.is_dir() else None)
         check_out_dir(work, "prepare")  # still only what we wrote: then it is ours to remove
         shutil.rmtree(work, ignore_errors=True)
         paths[role] = out

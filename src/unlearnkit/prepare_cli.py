@@ -1,7 +1,7 @@
 """`unlearnkit prepare tofu`: fine-tune and cache the TOFU target and retain models."""
 from __future__ import annotations
 
-from .cli_common import add_format_args, add_model_args, add_train_args, prompt_format, train_config
+from .cli_common import add_format_args, add_log_args, add_model_args, add_train_args, prompt_format, train_config
 
 
 def add_commands(sub) -> None:
@@ -14,18 +14,19 @@ def add_commands(sub) -> None:
     add_model_args(t)
     add_format_args(t)
     add_train_args(t, defaults="finetune")
+    add_log_args(t)
     t.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from .cli_common import check_model_args
+    from .cli_common import check_model_args, log_options
     from .prepare import prepare_tofu
 
     cfg = train_config(args, "finetune")  # TrainConfig validates the numbers before anything is loaded
     check_model_args(args)
     paths = prepare_tofu(args.split, args.model, cfg, prompt_format(args), args.max_length, dtype=args.dtype,
                          device=args.device, force=args.force, trust_remote_code=args.trust_remote_code,
-                         progress=not args.quiet)
+                         progress=not args.quiet, logs=log_options(args))
     for role, path in paths.items():
         print(f"{role}\t{path}")
     return 0

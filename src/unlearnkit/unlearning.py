@@ -293,6 +293,19 @@ def _data_identity(examples: list[dict]) -> str:
     return _sha([(ex["input_ids"], ex["labels"], ex.get("topic")) for ex in examples])
 
 
+def _events_to_keep(live_log, out_dir) -> dict:
+    """{"tb": folder} when the live log writes into out_dir/tb: the published run folder keeps its events."""
+    from .train.live_log import TB_DIR
+
+    if live_log is None:
+        return {}
+    live_log.close_files()  # complete on disk before the copy; publishing replaces the folder it was in
+    own = os.path.realpath(os.path.join(out_dir, TB_DIR))
+    if live_log.log_dir is not None and os.path.realpath(live_log.log_dir) == own and os.path.isdir(own):
+        return {TB_DIR: own}
+    return {}
+
+
 @dataclass
 class Run:
     """A method ready to train: what `unlearn` passes to the loop (tests use it to check losses step by step)."""
@@ -349,10 +362,26 @@ def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] 
                fingerprint)
 
 
+def _step_callbacks(monitor, live_log):
+    """The loop's on_step: the in-training evaluation first (it adds entry["eval"]), then the live log."""
+    if monitor is None and live_log is None:
+        return None
+
+    def on_step(step: int, entry: dict) -> None:
+        if monitor is not None:
+            monitor.on_step(step, entry)
+        if live_log is not None:
+            live_log.on_step(step, entry)
+            if entry.get("eval"):
+                live_log.log_scalars(step, entry["eval"], prefix="eval")
+
+    return on_step
+
+
 def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict] | None = None,
             config: dict | None = None, out_dir: str | os.PathLike | None = None, fmt: PromptFormat = PromptFormat(),
             progress: bool = True, resume: bool = True, stop_after_steps: int | None = None,
-            monitor=None) -> dict:
+            monitor=None, live_log=None) -> dict:
     """Unlearn `forget` from `model` (in place) with `method`; keep `retain`.
 
     forget / retain: [{"question", "answer"}] QA rows or [{"text"}] raw-text rows; an optional "topic" field splits
@@ -362,6 +391,8 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
     checkpoint of the same run there (another run's checkpoint is an error); resume=False discards it.
     monitor: a train/monitor.py Monitor — evaluation every N steps, recorded per step, and the kept step's weights
     restored before saving (run.json "in_training_eval").
+    live_log: a train.live_log.LiveLog fed every step (TensorBoard / wandb); when it writes into out_dir/tb, the
+    published folder carries the events. The caller closes it (it may log more, e.g. an evaluation, afterwards).
     Returns the run info (what run.json holds) plus "model": the unlearned model.
     """
     t_start = time.perf_counter()
@@ -379,7 +410,7 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
     log = train(model, run.step_loss, run.schedule, run.train_cfg, out_dir=out_dir, params=run.params,
                 resume=resume, progress=progress, desc=method, stop_after_steps=stop_after_steps,
                 fingerprint=run.fingerprint, remove_checkpoint=False, extra_state=monitor,
-                on_step=monitor.on_step if monitor is not None else None,
+                on_step=_step_callbacks(monitor, live_log),
                 on_start=monitor.start if monitor is not None else None)
     kept = monitor.finish(len(log["steps"])) if monitor is not None and log.get("interrupted_at") is None else None
     if cfg["lora_r"] and cfg["lora_merge"]:
@@ -405,6 +436,7 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
         from .models import save_model
 
         # Replaces the run folder (checkpoint included) in one rename, only after the model is written.
-        save_model(model, tokenizer, out_dir, extra_files={"run.json": json.dumps(info, indent=1)}, kind="unlearn")
+        save_model(model, tokenizer, out_dir, extra_files={"run.json": json.dumps(info, indent=1)}, kind="unlearn",
+                   extra_dirs=_events_to_keep(live_log, out_dir))
     info["model"] = model
     return info

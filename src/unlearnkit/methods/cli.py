@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli_common import TRAIN_FIELDS, add_format_args, add_model_args, add_train_args, check_model_args, prompt_format
+from ..cli_common import (TRAIN_FIELDS, add_format_args, add_log_args, add_model_args, add_train_args, check_model_args,
+                          log_options, prompt_format)
 from ..errors import UserError
 from . import METHODS
 
@@ -50,6 +51,7 @@ def add_commands(sub) -> None:
                    help="discard a checkpoint left in --out by an interrupted run and start over (without it, a "
                    "checkpoint of the same run is resumed and one of a different run is an error)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_log_args(p)
     p.set_defaults(func=run)
 
 
@@ -88,7 +90,7 @@ def load_config(args) -> dict:
     return config
 
 
-def load_data(args, fmt):
+def load_data(args, fmt, logs=None):
     """(model path, forget rows, retain rows)."""
     from ..data.qa import load_corpus, load_qa
 
@@ -100,7 +102,7 @@ def load_data(args, fmt):
 
         task = tofu.task(args.split)
         paths = prepare_tofu(args.split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
-                             device=args.device, progress=not args.quiet)
+                             device=args.device, progress=not args.quiet, logs=logs)
         return str(paths["target"]), task.forget, task.retain_train_for_unlearning
     if not (args.forget or args.forget_corpus):
         raise UserError("no forget data: give --split, --forget FILE or --forget-corpus FILE")
@@ -135,7 +137,8 @@ def run(args) -> int:
     inputs = [args.model, args.config, args.retain, args.retain_corpus, *args.forget, *args.forget_corpus]
     check_out_dir(out, "unlearn", inputs=[i for i in inputs if i and os.path.exists(i)])
     make_monitor = in_training_eval(args, fmt)
-    model_path, forget, retain = load_data(args, fmt)
+    logs = log_options(args)
+    model_path, forget, retain = load_data(args, fmt, logs)
     if model_path != args.model:  # the prepared TOFU target: never write inside it either
         check_out_dir(out, "unlearn", inputs=[model_path])
     device = args.device
@@ -143,13 +146,17 @@ def run(args) -> int:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun / accelerate launch: one GPU per process
     model, tokenizer = load_model(model_path, dtype=args.dtype or "fp32", device=device,
                                   trust_remote_code=args.trust_remote_code)
+    live_log = logs.open(out, name=f"unlearn-{args.method}", config=config)
     try:
         info = unlearn(model, tokenizer, args.method, forget, retain, config, out_dir=out, fmt=fmt,
-                       progress=not args.quiet, resume=not args.restart,
+                       progress=not args.quiet, resume=not args.restart, live_log=live_log,
                        monitor=make_monitor(tokenizer) if make_monitor else None)
     except NonFiniteLoss as e:
         print(f"unlearnkit: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if live_log is not None:
+            live_log.close()
     if info["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         last = info["steps"][-1] if info["steps"] else {}
         print(f"{args.method}: {len(info['steps'])} steps, {info['seconds_per_step'] or 0:.3f} s/step, "
