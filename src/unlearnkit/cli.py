@@ -15,7 +15,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, prepare_cli
+    from . import demo, prepare_cli, sweep_cli
     from .bench import add_bench_commands
     from .eval.cli import add_commands as add_eval_commands
     from .methods.cli import add_commands as add_unlearn_commands
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eco_commands(sub)
     add_serve_commands(sub)
     add_attack_commands(sub)
+    sweep_cli.add_commands(sub)
     return parser
 
 

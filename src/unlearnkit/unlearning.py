@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -320,6 +321,21 @@ class Run:
     topics: list
     restore_requires_grad: dict
     fingerprint: dict
+
+
+def total_steps(tokenizer, method: str, forget: list[dict], retain: list[dict] | None = None,
+                config: dict | None = None, fmt: PromptFormat = PromptFormat()) -> int:
+    """Optimizer steps a run of this config takes (one process), without a model: sweeps group points by it."""
+    m = methods.get(method)
+    cfg = resolve_config(method, config)
+    uses_retain = check_data(m, cfg, forget, retain)
+    topics: dict = {}
+    forget_ex = _encode(tokenizer, forget, fmt, cfg["max_length"], "forget", topics)
+    retain_ex = _encode(tokenizer, retain, fmt, cfg["max_length"], "retain") if uses_retain else []
+    schedule = make_schedule(forget_ex, retain_ex, cfg, tokenizer.pad_token_id, len(topics), m.padding_side(cfg),
+                             m.position_ids(cfg))
+    per_epoch = len(schedule(0))
+    return cfg["max_steps"] or max(1, math.ceil(per_epoch * cfg["epochs"] / cfg["grad_accum"]))
 
 
 def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] | None = None,
