@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods.cli import add_commands as add_unlearn_commands
     from .eco.cli import add_commands as add_eco_commands
     from .serve.cli import add_commands as add_serve_commands
+    from .analysis.cli import add_commands as add_analysis_commands
 
     parser = _Parser(prog="unlearnkit", description="LLM unlearning: unlearn, evaluate, attack, "
                                      "report. Run `unlearnkit demo` for the whole TOFU story on the default model.")
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_eco_commands(sub)
     add_serve_commands(sub)
+    add_analysis_commands(sub)
     return parser
 
 
