@@ -116,6 +116,18 @@ def test_retain_kl_at_interpolates():
     assert mk.retain_kl_at(path, "kl_f", 1.5, rising=True) is None
 
 
+def test_tradeoff_compares_at_the_furthest_common_level():
+    npo = [{"step": 0, "kl_retain": 0.0, "kl_forget1": 0.1}, {"step": 1, "kl_retain": 0.4, "kl_forget1": 0.5}]
+    sim = [{"step": 0, "kl_retain": 0.0, "kl_forget1": 0.1}, {"step": 1, "kl_retain": 0.3, "kl_forget1": 0.9}]
+    t = mk._tradeoff({"npo": npo, "simnpo": sim}, "kl_forget1")
+    assert t["direction"] == "up" and t["matched_level"] == 0.5
+    assert t["retain_kl_at_level"]["npo"] == pytest.approx(0.4)
+    assert t["retain_kl_at_level"]["simnpo"] == pytest.approx(0.3 * 0.4 / 0.8)
+    assert t["simnpo_less_retain_damage"] is True
+    sim[1]["kl_forget1"] = 0.05  # opposite directions: no comparison
+    assert mk._tradeoff({"npo": npo, "simnpo": sim}, "kl_forget1")["comparable"] is False
+
+
 def test_run_is_deterministic_for_a_seed():
     s = tiny_settings(variants=("B",), steps=2)
     one, two = mk.run_markov(s), mk.run_markov(s)
@@ -141,9 +153,12 @@ def test_cli_tiny_writes_contract(tmp_path, capsys):
                     assert math.isfinite(p[key]) and p[key] >= 0
             assert path[0] == {"step": 0, **result["variant_info"][v]["before_unlearning"]}
         assert result["variants"][v]["npo"][0] == result["variants"][v]["simnpo"][0]  # same start
-        final = result["summary"][v]["final"]
+        final = result["summary"]["final"][v]
         assert set(final) == {"npo", "simnpo"} and set(final["npo"]) == {"kl_retain", "kl_forget1", "kl_forget2"}
-        assert set(result["summary"][v]["tradeoff"]) == {"forget1", "forget2"}
+        assert set(result["summary"]["tradeoff"][v]) == {"forget1", "forget2"}
+        assert set(result["summary"]["claim"]["holds"][v]) == {"forget1", "forget2"}
+        closest = result["summary"]["closest_to_retain_only"][v]["npo"]["forget1"]
+        assert closest["kl_forget1"] == min(p["kl_forget1"] for p in result["variants"][v]["npo"])
     assert result["variant_info"]["B"]["forget2_length"] == 5
     assert len(result["models"]["pretrained"]["train_loss_per_epoch"]) == 1
     assert result["seconds"] > 0
@@ -153,7 +168,7 @@ def test_cli_tiny_writes_contract(tmp_path, capsys):
     assert main(["analyze", "markov", "--out", str(out), *TINY, "--variants", "B", "--methods", "simnpo"]) == 0
     result = json.loads((out / "MARKOV.json").read_text())
     assert list(result["variants"]) == ["B"] and list(result["variants"]["B"]) == ["simnpo"]
-    assert "tradeoff" not in result["summary"]["B"]
+    assert result["summary"]["tradeoff"] == {} and result["summary"]["claim"]["holds_everywhere"] is None
 
 
 def test_analyze_help_lists_markov(capsys):
@@ -198,3 +213,11 @@ def test_bad_options_exit_2_before_work(tmp_path, capsys, args, needle):
     err = cli_error(["analyze", "markov", "--out", str(out), *TINY, *args], capsys)
     assert needle in err
     assert not out.exists()
+
+
+def test_diverging_run_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    err = cli_error(["analyze", "markov", "--out", str(out), *TINY, "--lr", "1e30", "--variants", "A",
+                     "--methods", "npo"], capsys)
+    assert "--lr" in err and "nothing written" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -108,7 +108,13 @@ def run_markov_cmd(args) -> int:
         write_json_atomic(tmp / "MARKOV.json", result)
         plot(result, tmp / "MARKOV.png")
 
-    _publish(out, KIND["markov"], write)
+    from ..train.loop import NonFiniteLoss
+
+    try:
+        _publish(out, KIND["markov"], write)
+    except NonFiniteLoss as e:  # e.g. a learning rate too high for this model: say so in one line, write nothing
+        what = str(e).split("; stopped")[0]  # the loop's advice about checkpoints does not apply here
+        raise UserError(f"{what}; stopped, nothing written. Try a lower --lr or --pretrain-lr") from e
     print("\n".join(summary_lines(result)))
     print(f"wrote {out / 'MARKOV.json'} and {out / 'MARKOV.png'} ({result['seconds']:.0f} s)")
     return 0

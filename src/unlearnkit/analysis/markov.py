@@ -277,9 +277,10 @@ def reference_nll(model, batches, n: int) -> torch.Tensor:
 
 
 def unlearn(model, method: str, forget_seqs: list, settings: MarkovSettings, seed: int, evaluate,
-            progress: bool = False, desc: str = "unlearn") -> list[dict]:
+            progress: bool = False, desc: str = "unlearn", start: dict | None = None) -> list[dict]:
     """NPO or SimNPO on `forget_seqs` for settings.steps steps; `evaluate(model)` → {"kl_retain", ...} is called
-    before the first step and after every step. Returns [{"step": 0, ...}, {"step": 1, ..., "loss"}, ...]."""
+    after every step, and before the first unless `start` (the same evaluation of this model, done already) is
+    given. Returns [{"step": 0, ...}, {"step": 1, ..., "loss"}, ...]."""
     from ..methods.npo import npo_forget_loss
     from ..methods.simnpo import simnpo_forget_loss
     from ..train.loop import train
@@ -292,7 +293,9 @@ def unlearn(model, method: str, forget_seqs: list, settings: MarkovSettings, see
         return _batches(forget_seqs, settings.batch_size, order)
 
     if method == "npo":
-        ref = reference_nll(model, batches_for_epoch(0), len(forget_seqs))
+        # The reference is the model before unlearning: every sequence's summed NLL, once, in large batches.
+        order = np.arange(len(forget_seqs))
+        ref = reference_nll(model, _batches(forget_seqs, settings.eval_batch_size, order), len(forget_seqs))
 
         def step_loss(m, batch):
             nll, _ = sequence_nll(m, batch, full_logits=True)
@@ -305,7 +308,7 @@ def unlearn(model, method: str, forget_seqs: list, settings: MarkovSettings, see
     else:
         raise UserError(f"--methods: unknown method {method!r}; choose {', '.join(METHODS)}")
 
-    path = [{"step": 0, **evaluate(model)}]
+    path = [{"step": 0, **(start if start is not None else evaluate(model))}]
 
     def on_step(step, entry):
         path.append({"step": step, **evaluate(model), "loss": entry["loss"]})
@@ -369,7 +372,7 @@ def run_markov(settings: MarkovSettings, progress: bool = False, log=None) -> di
             model = build_model(settings, max_length, settings.seed)
             model.load_state_dict(models["pretrained"].state_dict())
             variants[v][method] = unlearn(model, method, forget_seqs, settings, settings.seed + 2, evaluate,
-                                          progress, desc=f"{v} {method}")
+                                          progress, desc=f"{v} {method}", start=info[v]["before_unlearning"])
             info[v]["seconds"][method] = time.perf_counter() - t0
 
     return {"markov": 1, "settings": _settings_json(settings),
@@ -404,16 +407,34 @@ def retain_kl_at(path: list[dict], key: str, level: float, rising: bool):
     return None
 
 
+CLAIM = ("SimNPO moves the forget-side KL (to the retain-only model) as far as NPO does with less damage on the "
+         "retain set: at the furthest forget-side KL both methods reach, SimNPO's retain KL is lower")
+
+
 def summarize(variants: dict, settings: MarkovSettings) -> dict:
-    """Final KLs per variant and method, and the trade-off comparison the paper's claim is about."""
-    out = {}
+    """{"final": {variant: {method: KLs at the last step}}, "closest_to_retain_only": {variant: {method: {subset:
+    the step where the forget-side KL is smallest, with the retain KL there}}}, "tradeoff": {variant: {subset:
+    matched comparison}}, "claim": {"statement", "holds": {variant: {subset: bool | None}}, "holds_everywhere"}}.
+    The comparison needs both npo and simnpo (else "tradeoff" is empty and the claim unchecked)."""
+    keys = ("kl_retain", "kl_forget1", "kl_forget2")
+    out = {"final": {v: {m: {k: path[-1][k] for k in keys} for m, path in methods.items()}
+                     for v, methods in variants.items()},
+           "closest_to_retain_only": {}, "tradeoff": {}}
     for v, methods in variants.items():
-        entry = {"final": {m: {k: path[-1][k] for k in ("kl_retain", "kl_forget1", "kl_forget2")}
-                           for m, path in methods.items()}}
+        out["closest_to_retain_only"][v] = {m: {s: _closest(path, f"kl_{s}") for s in ("forget1", "forget2")}
+                                            for m, path in methods.items()}
         if {"npo", "simnpo"} <= set(methods):
-            entry["tradeoff"] = {s: _tradeoff(methods, f"kl_{s}") for s in ("forget1", "forget2")}
-        out[v] = entry
+            out["tradeoff"][v] = {s: _tradeoff(methods, f"kl_{s}") for s in ("forget1", "forget2")}
+    holds = {v: {s: t.get("simnpo_less_retain_damage") for s, t in ts.items()} for v, ts in out["tradeoff"].items()}
+    flat = [h for hs in holds.values() for h in hs.values()]
+    out["claim"] = {"statement": CLAIM, "holds": holds,
+                    "holds_everywhere": all(flat) if flat and None not in flat else None}
     return out
+
+
+def _closest(path: list[dict], key: str) -> dict:
+    best = min(path, key=lambda p: p[key])
+    return {"step": best["step"], key: best[key], "kl_retain": best["kl_retain"]}
 
 
 def _tradeoff(methods: dict, key: str) -> dict:
@@ -423,7 +444,7 @@ def _tradeoff(methods: dict, key: str) -> dict:
     start = methods["npo"][0][key]
     moves = {m: methods[m][-1][key] - start for m in ("npo", "simnpo")}
     if moves["npo"] * moves["simnpo"] <= 0:
-        return {"start": start, "final_change": moves, "comparable": False,
+        return {"start": start, "final_change": moves, "comparable": False, "simnpo_less_retain_damage": None,
                 "why": "the methods move the forget-side KL in opposite directions (or not at all)"}
     rising = moves["npo"] > 0
     reach = {m: (max if rising else min)(p[key] for p in methods[m]) for m in ("npo", "simnpo")}
@@ -435,20 +456,23 @@ def _tradeoff(methods: dict, key: str) -> dict:
 
 
 def summary_lines(result: dict) -> list[str]:
+    summary = result["summary"]
     lines = [f"{'variant':<8}{'method':<8}{'kl_retain':>11}{'kl_forget1':>12}{'kl_forget2':>12}"]
-    for v, entry in result["summary"].items():
+    for v, finals in summary["final"].items():
         before = result["variant_info"][v]["before_unlearning"]
-        rows = [("before", before)] + list(entry["final"].items())
-        for m, k in rows:
+        for m, k in [("before", before)] + list(finals.items()):
             lines.append(f"{v:<8}{m:<8}{k['kl_retain']:>11.4f}{k['kl_forget1']:>12.4f}{k['kl_forget2']:>12.4f}")
-        for s, t in entry.get("tradeoff", {}).items():
+        for s, t in summary["tradeoff"].get(v, {}).items():
             if t["comparable"]:
                 at = t["retain_kl_at_level"]
                 verdict = "SimNPO less" if t["simnpo_less_retain_damage"] else "NPO less (or equal)"
-                lines.append(f"  {s}: at {t['direction']} to kl_{s} = {t['matched_level']:.4f}, retain KL "
+                lines.append(f"  {s}: where kl_{s} first gets {t['direction']} to {t['matched_level']:.4f}, retain KL "
                              f"npo {at['npo']:.4f} vs simnpo {at['simnpo']:.4f}: {verdict} retain damage")
             else:
                 lines.append(f"  {s}: not comparable ({t['why']})")
+    if summary["claim"]["holds_everywhere"] is not None:
+        lines.append(f"claim ({CLAIM}): {'holds' if summary['claim']['holds_everywhere'] else 'does not hold'} "
+                     "in every variant and forget subset")
     return lines
 
 
