@@ -221,3 +221,10 @@ def test_diverging_run_is_one_line_and_writes_nothing(tmp_path, capsys):
                      "--methods", "npo"], capsys)
     assert "--lr" in err and "nothing written" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_largest_seed_runs(tmp_path):
+    out = tmp_path / "o"
+    assert main(["analyze", "markov", "--out", str(out), *TINY, "--seed", str(2**32 - 1), "--variants", "B",
+                 "--methods", "simnpo", "--steps", "1"]) == 0
+    assert json.loads((out / "MARKOV.json").read_text())["settings"]["seed"] == 2**32 - 1

@@ -21,6 +21,12 @@ Setting (defaults = the paper's, as run by the authors' scripts):
 The pretraining data hold no forget2 sequence, so the pretrained and retain-only models do not depend on the
 variant: they are trained once and shared by both variants (retain and forget1 data are drawn from their own seeded
 streams, identical in A and B).
+
+MARKOV.json: "settings"; "chains" (subsets, transition matrices); "models" (pretraining losses per epoch, seconds);
+"variants": {variant: {method: [{"step": 0, "kl_retain", "kl_forget1", "kl_forget2"}, {"step": 1, ..., "loss"},
+...]}} (step 0 = the pretrained model, before unlearning); "variant_info": {variant: forget2 length, set sizes,
+"before_unlearning" KLs of the pretrained model, test NLL and KL to the true chains of both models, seconds};
+"summary" (see `summarize`); "seconds" (wall time of the whole study).
 """
 from __future__ import annotations
 
@@ -115,6 +121,11 @@ class MarkovSettings:
 
     def forget2_length(self, variant: str) -> int:
         return self.length if variant == "A" else self.short_length
+
+
+def _sub_seed(seed: int, k: int) -> int:
+    """The seed of one stage (pretraining, retain-only training, unlearning), in the loop's range [0, 2^32)."""
+    return (seed + k) % 2**32
 
 
 def _n_test(n: int, fraction: float) -> int:
@@ -320,7 +331,7 @@ def unlearn(model, method: str, forget_seqs: list, settings: MarkovSettings, see
 # ------------------------------------------------------------------------------------------------------- the study
 
 def run_markov(settings: MarkovSettings, progress: bool = False, log=None) -> dict:
-    """The whole study; returns the MARKOV.json object (see `write_markov`)."""
+    """The whole study; returns the MARKOV.json object (layout in the module docstring)."""
     log = log or (lambda msg: None)
     start = time.perf_counter()
     datas = {v: make_data(settings, v) for v in settings.variants}
@@ -331,7 +342,7 @@ def run_markov(settings: MarkovSettings, progress: bool = False, log=None) -> di
     for name, train_sets in (("pretrained", ("retain", "forget1")), ("retain_only", ("retain",))):
         t0 = time.perf_counter()
         train_seqs = np.concatenate([first[f"{s}_train"] for s in train_sets])
-        seed = settings.seed + (0 if name == "pretrained" else 1)
+        seed = _sub_seed(settings.seed, 0 if name == "pretrained" else 1)
         log(f"training the {name.replace('_', '-')} model on {' + '.join(train_sets)} ({len(train_seqs)} sequences)")
         model = build_model(settings, max_length, seed)
         train_log = pretrain(model, train_seqs, settings, seed, progress, desc=name.replace("_", "-"))
@@ -371,7 +382,7 @@ def run_markov(settings: MarkovSettings, progress: bool = False, log=None) -> di
             log(f"variant {v} (forget2 length {settings.forget2_length(v)}): {method}, {settings.steps} steps")
             model = build_model(settings, max_length, settings.seed)
             model.load_state_dict(models["pretrained"].state_dict())
-            variants[v][method] = unlearn(model, method, forget_seqs, settings, settings.seed + 2, evaluate,
+            variants[v][method] = unlearn(model, method, forget_seqs, settings, _sub_seed(settings.seed, 2), evaluate,
                                           progress, desc=f"{v} {method}", start=info[v]["before_unlearning"])
             info[v]["seconds"][method] = time.perf_counter() - t0
 
