@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eco.cli import add_commands as add_eco_commands
     from .serve.cli import add_commands as add_serve_commands
     from .attacks.cli import add_commands as add_attack_commands
+    from .analysis.cli import add_commands as add_analysis_commands
 
     parser = _Parser(prog="unlearnkit", description="LLM unlearning: unlearn, evaluate, attack, "
                                      "report. Run `unlearnkit demo` for the whole TOFU story on the default model.")
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_commands(sub)
     add_attack_commands(sub)
     sweep_cli.add_commands(sub)
+    add_analysis_commands(sub)
     return parser
 
 

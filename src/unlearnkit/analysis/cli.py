@@ -1,0 +1,120 @@
+"""`unlearnkit analyze ...`: analyses that explain how unlearning methods behave.
+
+Subcommands: markov (SimNPO's synthetic Markov-chain study). Each analysis adds its parser in `add_commands` below
+(one `_add_NAME(asub)` call each) and checks every option before any work starts; a command that writes a folder
+writes it aside and publishes it whole (files.py rules)."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from ..files import check_out_dir, publish_dir, temp_dir_beside, write_json_atomic
+
+KIND = {"markov": "analyze markov"}
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov: SimNPO's "
+                       "synthetic Markov-chain study)")
+    asub = p.add_subparsers(dest="analyze_command", metavar="ANALYSIS", required=True)
+    _add_markov(asub)
+    # Further analyses (layers, confidence, alignment, difficulty) register here, one _add_NAME(asub) each.
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _add_markov(asub) -> None:
+    from .markov import MarkovSettings
+
+    d = MarkovSettings()
+    m = asub.add_parser("markov", help="SimNPO's synthetic study: NPO vs SimNPO unlearning a mixture of Markov "
+                        "chains on a small GPT-2 (CPU, minutes); writes MARKOV.json and MARKOV.png",
+                        description="Pretrain a small GPT-2 on retain + forget1 Markov chains (forget2 unseen) and a "
+                        "retain-only reference, unlearn forget1 + forget2 with NPO and SimNPO, and track the "
+                        "per-token KL to the retain-only model on the retain, forget1 and forget2 test sets after "
+                        "every step. Variant A: forget2 sequences as long as the others; B: short forget2.")
+    m.add_argument("--out", required=True, help="folder for MARKOV.json and MARKOV.png: new, empty, or an earlier "
+                   "`analyze markov` output (replaced)")
+    m.add_argument("--variants", type=_csv, default=d.variants, metavar="A,B",
+                   help="A: forget2 length = --length; B: forget2 length = --short-length (default: A,B)")
+    m.add_argument("--methods", type=_csv, default=d.methods, metavar="npo,simnpo", help="default: npo,simnpo")
+    m.add_argument("--steps", type=int, default=d.steps, help=f"unlearning steps (default {d.steps})")
+    m.add_argument("--seed", type=int, default=d.seed, help=f"data, initialisation and order seed (default {d.seed})")
+    size = m.add_argument_group("sizes (defaults: the paper's setting)")
+    size.add_argument("--n-retain", type=int, default=d.n_retain, help=f"retain sequences (default {d.n_retain})")
+    size.add_argument("--n-forget", type=int, default=d.n_forget,
+                      help=f"forget1 and forget2 sequences, each (default {d.n_forget})")
+    size.add_argument("--length", type=int, default=d.length, help=f"sequence length (default {d.length})")
+    size.add_argument("--short-length", type=int, default=d.short_length,
+                      help=f"forget2 length in variant B (default {d.short_length})")
+    size.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                      help=f"test share of each set (default {d.test_fraction})")
+    size.add_argument("--n-layer", type=int, default=d.n_layer, help=f"default {d.n_layer}")
+    size.add_argument("--n-head", type=int, default=d.n_head, help=f"default {d.n_head}")
+    size.add_argument("--n-embd", type=int, default=d.n_embd, help=f"model width (default {d.n_embd})")
+    size.add_argument("--pretrain-epochs", type=float, default=d.pretrain_epochs,
+                      help=f"default {d.pretrain_epochs:g}")
+    size.add_argument("--pretrain-batch-size", type=int, default=d.pretrain_batch_size,
+                      help=f"default {d.pretrain_batch_size}")
+    size.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help=f"default {d.pretrain_lr:g}")
+    size.add_argument("--lr", type=float, default=d.lr, help=f"unlearning learning rate (default {d.lr:g})")
+    size.add_argument("--batch-size", type=int, default=d.batch_size,
+                      help=f"unlearning batch size (default {d.batch_size})")
+    size.add_argument("--beta", type=float, default=d.beta, help=f"NPO and SimNPO beta (default {d.beta:g})")
+    size.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="sequences per evaluation "
+                      "forward pass (memory only; default %(default)s)")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    m.set_defaults(func=run_markov_cmd)
+
+
+def _publish(out: Path, kind: str, write) -> None:
+    """Run `write(tmp)` into a temporary folder beside `out`, then publish it whole; on failure leave nothing."""
+    tmp = temp_dir_beside(out)
+    try:
+        write(tmp)
+        publish_dir(tmp, out, kind)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_markov_cmd(args) -> int:
+    from .markov import MarkovSettings
+
+    names = ("variants", "methods", "steps", "seed", "n_retain", "n_forget", "length", "short_length",
+             "test_fraction", "n_layer", "n_head", "n_embd", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr",
+             "lr", "batch_size", "beta", "eval_batch_size")
+    settings = MarkovSettings(**{k: getattr(args, k) for k in names})
+    if args.threads is not None and (isinstance(args.threads, bool) or args.threads < 1):
+        raise UserError(f"--threads {args.threads}: must be an integer of at least 1")
+    out = check_out_dir(args.out, KIND["markov"])
+
+    import torch
+
+    from .markov import plot, run_markov, summary_lines
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = {}
+
+    def write(tmp: Path) -> None:
+        result.update(run_markov(settings, progress=not args.quiet, log=say))
+        write_json_atomic(tmp / "MARKOV.json", result)
+        plot(result, tmp / "MARKOV.png")
+
+    from ..train.loop import NonFiniteLoss
+
+    try:
+        _publish(out, KIND["markov"], write)
+    except NonFiniteLoss as e:  # e.g. a learning rate too high for this model: say so in one line, write nothing
+        what = str(e).split("; stopped")[0]  # the loop's advice about checkpoints does not apply here
+        raise UserError(f"{what}; stopped, nothing written. Try a lower --lr or --pretrain-lr") from e
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {out / 'MARKOV.json'} and {out / 'MARKOV.png'} ({result['seconds']:.0f} s)")
+    return 0
