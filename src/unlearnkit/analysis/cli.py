@@ -5,12 +5,11 @@ Subcommands: markov (SimNPO's synthetic Markov-chain study). Each analysis adds 
 writes it aside and publishes it whole (files.py rules)."""
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import check_out_dir, publish_dir, temp_dir_beside, write_json_atomic
+from ..files import check_out_dir, write_folder, write_json_atomic
 
 KIND = {"markov": "analyze markov"}
 
@@ -72,17 +71,6 @@ def _add_markov(asub) -> None:
     m.set_defaults(func=run_markov_cmd)
 
 
-def _publish(out: Path, kind: str, write) -> None:
-    """Run `write(tmp)` into a temporary folder beside `out`, then publish it whole; on failure leave nothing."""
-    tmp = temp_dir_beside(out)
-    try:
-        write(tmp)
-        publish_dir(tmp, out, kind)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def run_markov_cmd(args) -> int:
     from .markov import MarkovSettings
 
@@ -111,7 +99,7 @@ def run_markov_cmd(args) -> int:
     from ..train.loop import NonFiniteLoss
 
     try:
-        _publish(out, KIND["markov"], write)
+        write_folder(out, KIND["markov"], write)
     except NonFiniteLoss as e:  # e.g. a learning rate too high for this model: say so in one line, write nothing
         what = str(e).split("; stopped")[0]  # the loop's advice about checkpoints does not apply here
         raise UserError(f"{what}; stopped, nothing written. Try a lower --lr or --pretrain-lr") from e
