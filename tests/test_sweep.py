@@ -93,3 +93,10 @@ def test_sweep_cli_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch, capsys
 def test_sweep_inputs_checked_before_loading(tmp_path, no_model_load, capsys, extra, needle):
     err = cli_error(["sweep", "--method", "npo", "--out", str(tmp_path / "o"), *extra], capsys)
     assert needle in err, err
+
+
+def test_bench_sweep_checks_its_options_first(tmp_path, no_model_load, capsys):
+    assert "--limit" in cli_error(["bench", "sweep", "--limit", "0"], capsys)
+    assert "unknown key 'nope'" in cli_error(["bench", "sweep", "--grid", "nope=1"], capsys)
+    (tmp_path / "mine.json").write_text("{}")
+    assert "not written by unlearnkit" in cli_error(["bench", "sweep", "--json", str(tmp_path / "mine.json")], capsys)
