@@ -123,3 +123,22 @@ def test_bad_config_is_user_error():
         TrainConfig(lr=0)
     with pytest.raises(UserError, match="--schedule"):
         TrainConfig(schedule="exp")
+
+
+def test_answer_nll_on_a_model_without_a_separate_decoder():
+    """GPT-2's get_decoder() returns the whole model: the full-logits path is taken, with the same values."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unlearnkit.train.nll import backbone_and_head, sequence_nll
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    assert backbone_and_head(model) == (None, None)
+    ids = torch.randint(0, 20, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.where(torch.arange(6) < 2, torch.tensor(-100), ids)}
+    nll, n = sequence_nll(model, batch)
+    logp = torch.log_softmax(model(ids).logits, -1)
+    direct = -sum(logp[0, t - 1, ids[0, t]] for t in range(2, 6))
+    assert n.tolist() == [4.0, 4.0] and torch.allclose(nll[0], direct, atol=1e-5)

@@ -20,7 +20,8 @@ def backbone_and_head(model):
     head = base.get_output_embeddings()
     # Models with logit soft-capping or scaling after the head need the full path.
     special = any(getattr(base.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-    return (None, None) if backbone is None or head is None or special else (backbone, head)
+    # Some classes (GPT-2 in transformers 4.57) return themselves from get_decoder(): no separate backbone.
+    return (None, None) if backbone is None or backbone is base or head is None or special else (backbone, head)
 
 
 def label_logits(model, batch: dict, full_logits: bool = False):
