@@ -1,6 +1,6 @@
 """`unlearnkit analyze ...`: analyses that explain how unlearning methods behave.
 
-Subcommands: markov (SimNPO's synthetic Markov-chain study). Each analysis adds its parser in `add_commands` below
+Subcommands: markov (SimNPO's synthetic Markov-chain study), confidence (token confidence before / after). Each analysis adds its parser in `add_commands` below
 (one `_add_NAME(asub)` call each) and checks every option before any work starts; a command that writes a folder
 writes it aside and publishes it whole (files.py rules)."""
 from __future__ import annotations
@@ -11,15 +11,15 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import check_out_dir, write_folder, write_json_atomic
 
-KIND = {"markov": "analyze markov"}
+KIND = {"markov": "analyze markov", "confidence": "analyze confidence"}
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov: SimNPO's "
-                       "synthetic Markov-chain study)")
+    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov, confidence)")
     asub = p.add_subparsers(dest="analyze_command", metavar="ANALYSIS", required=True)
     _add_markov(asub)
-    # Further analyses (layers, confidence, alignment, difficulty) register here, one _add_NAME(asub) each.
+    _add_confidence(asub)
+    # Further analyses (layers, alignment, difficulty) register here, one _add_NAME(asub) each.
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -105,4 +105,74 @@ def run_markov_cmd(args) -> int:
         raise UserError(f"{what}; stopped, nothing written. Try a lower --lr or --pretrain-lr") from e
     print("\n".join(summary_lines(result)))
     print(f"wrote {out / 'MARKOV.json'} and {out / 'MARKOV.png'} ({result['seconds']:.0f} s)")
+    return 0
+
+
+def _add_confidence(asub) -> None:
+    from ..cli_common import add_format_args
+
+    c = asub.add_parser("confidence", help="mean max-softmax probability and entropy of next-token distributions "
+                        "on forget / retain / general QA, per model (before vs after unlearning)")
+    c.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR", help="model folder (repeatable)")
+    c.add_argument("--split", default="mini", choices=["mini", "forget01", "forget05", "forget10"])
+    c.add_argument("--controls", default="target,retain", help="also measure the split's prepared models: "
+                   "target (before unlearning), retain, both (default) or none")
+    c.add_argument("--base-model", default=None, help="base model of the prepared controls (default: SmolLM2)")
+    c.add_argument("--limit", type=int, default=None, help="first N rows of each set only")
+    c.add_argument("--batch-size", type=int, default=16)
+    add_format_args(c)
+    c.add_argument("--dtype", default=None)
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", required=True, help="folder for CONFIDENCE.json and CONFIDENCE.png")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=run_confidence_cmd)
+
+
+def run_confidence_cmd(args) -> int:
+    from ..attacks.subjects import Subject, named, unique_names
+    from ..cli_common import check_model_args, prompt_format
+    from ..data import tofu
+    from ..eval.limits import at_least
+    from ..eval.tofu import limit_task
+    from ..models import load_model, resolve_model_path
+    from .confidence import confidence_figure, confidence_sets, summary_table, token_confidence
+
+    at_least(args.limit, 1, "--limit", none_ok=True)
+    at_least(args.batch_size, 1, "--batch-size")
+    check_model_args(args, "base_model")
+    controls = [] if args.controls.strip() == "none" else [c.strip() for c in args.controls.split(",") if c.strip()]
+    if any(c not in ("target", "retain") for c in controls):
+        raise UserError(f"--controls: unknown value {args.controls!r}; choose target,retain, target, retain or none")
+    subjects = [Subject(n, resolve_model_path(p, option="--model")) for n, p in map(named, args.model)]
+    if not subjects and not controls:
+        raise UserError("nothing to measure: give --model DIR and/or --controls")
+    out = check_out_dir(args.out, KIND["confidence"], inputs=[s.model for s in subjects if Path(s.model).exists()])
+    fmt = prompt_format(args)
+    sets = confidence_sets(limit_task(tofu.task(args.split), args.limit))
+    if controls:
+        from ..prepare import prepare_tofu
+
+        paths = prepare_tofu(args.split, args.base_model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
+                             device=args.device, progress=not args.quiet)
+        subjects = [Subject(c, str(paths[c]), role=c) for c in controls] + subjects
+    subjects = unique_names(subjects)
+    results = {}
+    for s in subjects:
+        model, tokenizer = load_model(s.model, dtype=args.dtype, device=args.device)
+        results[s.name] = {name: token_confidence(model, tokenizer, rows, fmt=fmt, batch_size=args.batch_size,
+                                                  max_length=args.max_length) for name, rows in sets.items()}
+        del model
+    doc = {"split": args.split, "sets": {k: len(v) for k, v in sets.items()},
+           "subjects": {s.name: s.describe() for s in subjects},
+           "summary": {n: {k: {m: v[m] for m in ("max_prob", "entropy", "tokens")} for k, v in per.items()}
+                       for n, per in results.items()}, "per_row": results}
+
+    def write(tmp: Path) -> None:
+        write_json_atomic(tmp / "CONFIDENCE.json", doc)
+        confidence_figure(results, {s.name: s.role for s in subjects}, tmp / "CONFIDENCE.png",
+                          title=f"Token confidence on {args.split} (teacher-forced gold answers)")
+
+    write_folder(out, KIND["confidence"], write)
+    print(summary_table(results))
+    print(f"wrote {out / 'CONFIDENCE.json'} and {out / 'CONFIDENCE.png'}")
     return 0
