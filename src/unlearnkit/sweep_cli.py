@@ -44,7 +44,7 @@ def run(args) -> int:
     from .eval.limits import at_least
     from .eval.tofu import evaluate_tofu, limit_task, write_eval
     from .files import check_out_dir, write_folder, write_json_atomic
-    from .methods.cli import load_config
+    from .methods.cli import parse_sets
     from .sweep import grid_points, pareto, parse_grid, run_sweep
 
     at_least(args.max_new_tokens, 1, "--max-new-tokens")
@@ -52,7 +52,7 @@ def run(args) -> int:
     at_least(args.limit, 1, "--limit", none_ok=True)
     check_model_args(args)
     grid = parse_grid(args.grid)
-    base = load_config(_ConfigArgs(args.set))
+    base = parse_sets(args.set)
     points = grid_points(args.method, grid, base)
     inputs = [p for p in (args.model, args.retain_log, args.target_log) if p and Path(p).exists()]
     out = check_out_dir(args.out, KIND, inputs=inputs)
@@ -112,13 +112,6 @@ def run(args) -> int:
               f"{_fmt(s.get('model_utility')):>8}  {'*' if r['name'] in front else ''}")
     print(f"wrote {out / 'SWEEP.json'} and {out / 'FRONTIER.png'}")
     return 0
-
-
-class _ConfigArgs:
-    """The fields methods.cli.load_config reads, for --set only."""
-
-    def __init__(self, sets):
-        self.config, self.set, self.lora_r, self.no_merge, self.max_length = None, sets, None, False, 512
 
 
 def _fmt(v) -> str:

@@ -1,6 +1,7 @@
 """`unlearnkit analyze ...`: analyses that explain how unlearning methods behave.
 
-Subcommands: markov (SimNPO's synthetic Markov-chain study), confidence (token confidence before / after). Each analysis adds its parser in `add_commands` below
+Subcommands: markov (SimNPO's synthetic Markov-chain study), confidence (token confidence before / after),
+difficulty (SimNPO's strongly / weakly memorised and short / long forget data). Each analysis adds its parser in `add_commands` below
 (one `_add_NAME(asub)` call each) and checks every option before any work starts; a command that writes a folder
 writes it aside and publishes it whole (files.py rules)."""
 from __future__ import annotations
@@ -11,15 +12,16 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import check_out_dir, write_folder, write_json_atomic
 
-KIND = {"markov": "analyze markov", "confidence": "analyze confidence"}
+KIND = {"markov": "analyze markov", "confidence": "analyze confidence", "difficulty": "analyze difficulty"}
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov, confidence)")
+    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov, confidence, difficulty)")
     asub = p.add_subparsers(dest="analyze_command", metavar="ANALYSIS", required=True)
     _add_markov(asub)
     _add_confidence(asub)
-    # Further analyses (layers, alignment, difficulty) register here, one _add_NAME(asub) each.
+    _add_difficulty(asub)
+    # Further analyses (layers, alignment) register here, one _add_NAME(asub) each.
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -175,4 +177,84 @@ def run_confidence_cmd(args) -> int:
     write_folder(out, KIND["confidence"], write)
     print(summary_table(results))
     print(f"wrote {out / 'CONFIDENCE.json'} and {out / 'CONFIDENCE.png'}")
+    return 0
+
+
+def _add_difficulty(asub) -> None:
+    from ..cli_common import add_format_args
+
+    d = asub.add_parser("difficulty", help="forget quality of each method on strongly vs weakly memorised and short "
+                        "vs long forget QA, at matched budgets (SimNPO's TOFU panel)")
+    d.add_argument("--methods", type=_csv, default=("npo", "simnpo"), metavar="npo,simnpo")
+    d.add_argument("--split", default="mini", choices=["mini", "forget01", "forget05", "forget10"])
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every method (the matched budget), e.g. --set epochs=4")
+    d.add_argument("--model", default=None, help="base model of the prepared target / retain (default: SmolLM2)")
+    add_format_args(d)
+    d.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    d.add_argument("--dtype", default=None)
+    d.add_argument("--device", default=None)
+    d.add_argument("--out", required=True, help="folder for DIFFICULTY.json and DIFFICULTY.png")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=run_difficulty_cmd)
+
+
+def run_difficulty_cmd(args) -> int:
+    from ..cli_common import check_model_args, prompt_format
+    from ..data import tofu
+    from ..eval.limits import at_least
+    from ..methods.cli import parse_sets
+    from ..models import load_model
+    from ..unlearning import resolve_config, unlearn
+    from .difficulty import SUBSETS, difficulty_figure, forget_columns, split_rows, subset_summaries
+
+    at_least(args.batch_size, 1, "--batch-size")
+    check_model_args(args)
+    if not args.methods:
+        raise UserError("--methods: give at least one method")
+
+    config = parse_sets(args.set)
+    for m in args.methods:
+        resolve_config(m, config)  # unknown method or bad value: an error before any work
+    out = check_out_dir(args.out, KIND["difficulty"], inputs=[args.model] if args.model and Path(args.model).exists()
+                        else [])
+    fmt = prompt_format(args)
+    task = tofu.task(args.split)
+    from ..prepare import prepare_tofu
+
+    paths = prepare_tofu(args.split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
+                         device=args.device, progress=not args.quiet)
+    kw = dict(fmt=fmt, batch_size=args.batch_size)
+    retain_model, tokenizer = load_model(str(paths["retain"]), dtype=args.dtype, device=args.device)
+    retain_cols = forget_columns(retain_model, tokenizer, task.forget, **kw)
+    del retain_model
+    results, runs = {}, {}
+    target_cols = subsets = None
+    for method in args.methods:
+        model, tokenizer = load_model(str(paths["target"]), dtype=args.dtype, device=args.device)
+        if subsets is None:
+            target_cols = forget_columns(model, tokenizer, task.forget, **kw)
+            subsets = split_rows(target_cols, task.forget, tokenizer, fmt)
+            results["target"] = subset_summaries(target_cols, retain_cols, subsets, args.split)
+        info = unlearn(model, tokenizer, method, task.forget, task.retain_train_for_unlearning, config, fmt=fmt,
+                       progress=not args.quiet)
+        model = info.pop("model")
+        runs[method] = {"steps": len(info["steps"]), "config": info["config"], "train_seconds": info["train_seconds"]}
+        results[method] = subset_summaries(forget_columns(model, tokenizer, task.forget, **kw), retain_cols, subsets,
+                                           args.split)
+        del model
+    doc = {"split": args.split, "methods": list(args.methods), "fixed": config, "runs": runs,
+           "subsets": {k: v for k, v in subsets.items()}, "summary": results}
+
+    def write(tmp: Path) -> None:
+        write_json_atomic(tmp / "DIFFICULTY.json", doc)
+        difficulty_figure({k: v for k, v in results.items()}, tmp / "DIFFICULTY.png",
+                          title=f"Forget quality per forget subset — {args.split}")
+
+    write_folder(out, KIND["difficulty"], write)
+    print(f"{'model':<12} " + " ".join(f"{s:>10}" for s in ("all",) + SUBSETS) + "   (forget quality)")
+    for name, per in results.items():
+        fq = [per[s].get("forget_quality") for s in ("all",) + SUBSETS]
+        print(f"{name:<12} " + " ".join(f"{'-' if v is None else f'{v:.3g}':>10}" for v in fq))
+    print(f"wrote {out / 'DIFFICULTY.json'} and {out / 'DIFFICULTY.png'}")
     return 0

@@ -70,14 +70,7 @@ def load_config(args) -> dict:
         if not isinstance(config, dict):
             raise UserError(f"--config {path}: expected a mapping of key: value")
         config.pop("method", None)  # a config file may name its method; --method decides
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            config[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise UserError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from e
+    config.update(parse_sets(args.set))
     for name in TRAIN_FIELDS:
         if getattr(args, name, None) is not None:
             config[name] = getattr(args, name)
@@ -87,6 +80,22 @@ def load_config(args) -> dict:
         config["lora_merge"] = False
     if args.max_length != 512:
         config["max_length"] = args.max_length
+    return config
+
+
+def parse_sets(items: list[str]) -> dict:
+    """`--set KEY=VALUE` items → {key: value} (values parsed as YAML)."""
+    import yaml
+
+    config = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            config[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from e
     return config
 
 
