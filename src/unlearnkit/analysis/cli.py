@@ -1,7 +1,8 @@
 """`unlearnkit analyze ...`: analyses that explain how unlearning methods behave.
 
 Subcommands: markov (SimNPO's synthetic Markov-chain study), confidence (token confidence before / after),
-difficulty (SimNPO's strongly / weakly memorised and short / long forget data). Each analysis adds its parser in `add_commands` below
+difficulty (SimNPO's strongly / weakly memorised and short / long forget data), alignment
+(RMU's steering coefficient against the layer's activation norm). Each analysis adds its parser in `add_commands` below
 (one `_add_NAME(asub)` call each) and checks every option before any work starts; a command that writes a folder
 writes it aside and publishes it whole (files.py rules)."""
 from __future__ import annotations
@@ -12,16 +13,18 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import check_out_dir, write_folder, write_json_atomic
 
-KIND = {"markov": "analyze markov", "confidence": "analyze confidence", "difficulty": "analyze difficulty"}
+KIND = {"markov": "analyze markov", "confidence": "analyze confidence", "difficulty": "analyze difficulty",
+        "alignment": "analyze alignment"}
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov, confidence, difficulty)")
+    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov, confidence, difficulty, alignment)")
     asub = p.add_subparsers(dest="analyze_command", metavar="ANALYSIS", required=True)
     _add_markov(asub)
     _add_confidence(asub)
     _add_difficulty(asub)
-    # Further analyses (layers, alignment) register here, one _add_NAME(asub) each.
+    _add_alignment(asub)
+    # Further analyses (layers) register here, one _add_NAME(asub) each.
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -257,4 +260,93 @@ def run_difficulty_cmd(args) -> int:
         fq = [per[s].get("forget_quality") for s in ("all",) + SUBSETS]
         print(f"{name:<12} " + " ".join(f"{'-' if v is None else f'{v:.3g}':>10}" for v in fq))
     print(f"wrote {out / 'DIFFICULTY.json'} and {out / 'DIFFICULTY.png'}")
+    return 0
+
+
+def _add_alignment(asub) -> None:
+    from ..cli_common import add_format_args
+
+    a = asub.add_parser("alignment", help="short RMU runs per steering coefficient c: cosine between forget "
+                        "activations at layer l and u, their norm, forget metrics, against c / ||h_l||")
+    a.add_argument("--layer", type=int, default=7)
+    a.add_argument("--coefficients", type=_csv, required=True, metavar="C1,C2,...")
+    a.add_argument("--steps", type=int, default=50, help="RMU steps per coefficient")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="other RMU config overrides")
+    a.add_argument("--split", default="mini", choices=["mini", "forget01", "forget05", "forget10"])
+    a.add_argument("--model", default=None, help="base model of the prepared target / retain (default: SmolLM2)")
+    add_format_args(a)
+    a.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    a.add_argument("--dtype", default=None)
+    a.add_argument("--device", default=None)
+    a.add_argument("--out", required=True, help="folder for ALIGNMENT.json and ALIGNMENT.png")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=run_alignment_cmd)
+
+
+def run_alignment_cmd(args) -> int:
+    from ..cli_common import check_model_args, prompt_format
+    from ..data import tofu
+    from ..eval.limits import at_least
+    from ..methods.cli import parse_sets
+    from ..models import load_model
+    from ..unlearning import resolve_config, unlearn
+    from .alignment import alignment_figure, layer_alignment, steering_direction
+    from .difficulty import forget_columns
+    from ..attacks.score import summarize_forget
+
+    at_least(args.steps, 1, "--steps")
+    at_least(args.batch_size, 1, "--batch-size")
+    check_model_args(args)
+    try:
+        coefficients = [float(c) for c in args.coefficients]
+    except ValueError:
+        raise UserError(f"--coefficients: not a list of numbers: {','.join(args.coefficients)!r}") from None
+    if not coefficients or any(not c > 0 for c in coefficients):
+        raise UserError(f"--coefficients: give numbers > 0 (got {','.join(args.coefficients)!r})")
+    base = {**parse_sets(args.set), "layer": args.layer, "max_steps": args.steps}
+    configs = [resolve_config("rmu", {**base, "steering_coeff": c}) for c in coefficients]  # all checked now
+    out = check_out_dir(args.out, KIND["alignment"], inputs=[args.model] if args.model and Path(args.model).exists()
+                        else [])
+    fmt = prompt_format(args)
+    task = tofu.task(args.split)
+    from ..prepare import prepare_tofu
+
+    paths = prepare_tofu(args.split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
+                         device=args.device, progress=not args.quiet)
+    kw = dict(fmt=fmt, batch_size=args.batch_size)
+    retain_model, tokenizer = load_model(str(paths["retain"]), dtype=args.dtype, device=args.device)
+    retain_cols = forget_columns(retain_model, tokenizer, task.forget, **kw)
+    del retain_model
+
+    def measure(model) -> dict:
+        u = steering_direction(model, configs[0]["seed"])
+        stats = layer_alignment(model, tokenizer, task.forget, args.layer, u, fmt=fmt, batch_size=args.batch_size,
+                                max_length=args.max_length)
+        return {**stats, **summarize_forget(forget_columns(model, tokenizer, task.forget, **kw), retain_cols,
+                                            args.split)}
+
+    target, _ = load_model(str(paths["target"]), dtype=args.dtype, device=args.device)
+    before = measure(target)
+    points = []
+    for c, cfg in zip(coefficients, configs):
+        model, _ = load_model(str(paths["target"]), dtype=args.dtype, device=args.device)
+        info = unlearn(model, tokenizer, "rmu", task.forget, task.retain_train_for_unlearning,
+                       {k: cfg[k] for k in base} | {"steering_coeff": c}, fmt=fmt, progress=not args.quiet)
+        points.append({"c": c, "c_over_norm": c / before["norm"], "steps": len(info["steps"]),
+                       **measure(info.pop("model"))})
+    doc = {"split": args.split, "layer": args.layer, "fixed": base, "target": before, "points": points}
+
+    def write(tmp: Path) -> None:
+        write_json_atomic(tmp / "ALIGNMENT.json", doc)
+        alignment_figure(points, before, tmp / "ALIGNMENT.png",
+                         title=f"RMU at layer {args.layer}: alignment with u against c / ||h_l||")
+
+    write_folder(out, KIND["alignment"], write)
+    print(f"target: mean ||h_{args.layer}|| {before['norm']:.1f}, cos(h, u) {before['cosine']:.3f}, "
+          f"forget p {before['forget_prob']:.3f}")
+    for p in points:
+        fq = "-" if p["forget_quality"] is None else f"{p['forget_quality']:.3g}"
+        print(f"c {p['c']:>8g}  c/||h|| {p['c_over_norm']:>7.2f}  cos {p['cosine']:.3f}  ||h|| {p['norm']:8.1f}  "
+              f"forget p {p['forget_prob']:.3g}  FQ {fq}")
+    print(f"wrote {out / 'ALIGNMENT.json'} and {out / 'ALIGNMENT.png'}")
     return 0
