@@ -54,7 +54,7 @@ def alignment_figure(points: list[dict], target: dict, path, title: str = ""):
     x = [p["c_over_norm"] for p in points]
     axes[0].plot(x, [p["cosine"] for p in points], color=PALETTE[0], marker="o", label="after RMU")
     axes[0].axhline(target["cosine"], **REFERENCE_STYLE["target"], label="target (before)")
-    axes[0].set_ylabel(f"mean cos(h_l, u) on forget tokens")
+    axes[0].set_ylabel("mean cos(h_l, u) on forget tokens")
     axes[1].plot(x, [p["forget_prob"] for p in points], color=PALETTE[1], marker="o", label="after RMU")
     axes[1].axhline(target["forget_prob"], **REFERENCE_STYLE["target"], label="target (before)")
     axes[1].set_ylabel("forget p(a|q)")

@@ -183,22 +183,40 @@ def run_confidence_cmd(args) -> int:
     return 0
 
 
-def _add_difficulty(asub) -> None:
+def _add_prepared_args(p, name: str, batch_size: int) -> None:
+    """Options of the analyses that start from a split's prepared target and retain models."""
     from ..cli_common import add_format_args
 
+    p.add_argument("--split", default="mini", choices=["mini", "forget01", "forget05", "forget10"])
+    p.add_argument("--model", default=None, help="base model of the prepared target / retain (default: SmolLM2)")
+    add_format_args(p)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="evaluation batch size")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help=f"folder for {name}.json and {name}.png")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _prepared_with_retain(args, fmt, task):
+    """(prepared paths, the retain model's teacher-forced forget columns, forget_columns keyword arguments)."""
+    from ..models import load_model
+    from ..prepare import prepare_tofu
+    from .difficulty import forget_columns
+
+    paths = prepare_tofu(args.split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
+                         device=args.device, progress=not args.quiet)
+    kw = dict(fmt=fmt, batch_size=args.batch_size)
+    retain_model, tokenizer = load_model(str(paths["retain"]), dtype=args.dtype, device=args.device)
+    return paths, forget_columns(retain_model, tokenizer, task.forget, **kw), kw
+
+
+def _add_difficulty(asub) -> None:
     d = asub.add_parser("difficulty", help="forget quality of each method on strongly vs weakly memorised and short "
                         "vs long forget QA, at matched budgets (SimNPO's TOFU panel)")
     d.add_argument("--methods", type=_csv, default=("npo", "simnpo"), metavar="npo,simnpo")
-    d.add_argument("--split", default="mini", choices=["mini", "forget01", "forget05", "forget10"])
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every method (the matched budget), e.g. --set epochs=4")
-    d.add_argument("--model", default=None, help="base model of the prepared target / retain (default: SmolLM2)")
-    add_format_args(d)
-    d.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
-    d.add_argument("--dtype", default=None)
-    d.add_argument("--device", default=None)
-    d.add_argument("--out", required=True, help="folder for DIFFICULTY.json and DIFFICULTY.png")
-    d.add_argument("--quiet", action="store_true")
+    _add_prepared_args(d, "DIFFICULTY", batch_size=32)
     d.set_defaults(func=run_difficulty_cmd)
 
 
@@ -223,14 +241,7 @@ def run_difficulty_cmd(args) -> int:
                         else [])
     fmt = prompt_format(args)
     task = tofu.task(args.split)
-    from ..prepare import prepare_tofu
-
-    paths = prepare_tofu(args.split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
-                         device=args.device, progress=not args.quiet)
-    kw = dict(fmt=fmt, batch_size=args.batch_size)
-    retain_model, tokenizer = load_model(str(paths["retain"]), dtype=args.dtype, device=args.device)
-    retain_cols = forget_columns(retain_model, tokenizer, task.forget, **kw)
-    del retain_model
+    paths, retain_cols, kw = _prepared_with_retain(args, fmt, task)
     results, runs = {}, {}
     target_cols = subsets = None
     for method in args.methods:
@@ -264,22 +275,13 @@ def run_difficulty_cmd(args) -> int:
 
 
 def _add_alignment(asub) -> None:
-    from ..cli_common import add_format_args
-
     a = asub.add_parser("alignment", help="short RMU runs per steering coefficient c: cosine between forget "
                         "activations at layer l and u, their norm, forget metrics, against c / ||h_l||")
     a.add_argument("--layer", type=int, default=7)
     a.add_argument("--coefficients", type=_csv, required=True, metavar="C1,C2,...")
     a.add_argument("--steps", type=int, default=50, help="RMU steps per coefficient")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="other RMU config overrides")
-    a.add_argument("--split", default="mini", choices=["mini", "forget01", "forget05", "forget10"])
-    a.add_argument("--model", default=None, help="base model of the prepared target / retain (default: SmolLM2)")
-    add_format_args(a)
-    a.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
-    a.add_argument("--dtype", default=None)
-    a.add_argument("--device", default=None)
-    a.add_argument("--out", required=True, help="folder for ALIGNMENT.json and ALIGNMENT.png")
-    a.add_argument("--quiet", action="store_true")
+    _add_prepared_args(a, "ALIGNMENT", batch_size=16)
     a.set_defaults(func=run_alignment_cmd)
 
 
@@ -309,14 +311,7 @@ def run_alignment_cmd(args) -> int:
                         else [])
     fmt = prompt_format(args)
     task = tofu.task(args.split)
-    from ..prepare import prepare_tofu
-
-    paths = prepare_tofu(args.split, args.model, fmt=fmt, max_length=args.max_length, dtype=args.dtype,
-                         device=args.device, progress=not args.quiet)
-    kw = dict(fmt=fmt, batch_size=args.batch_size)
-    retain_model, tokenizer = load_model(str(paths["retain"]), dtype=args.dtype, device=args.device)
-    retain_cols = forget_columns(retain_model, tokenizer, task.forget, **kw)
-    del retain_model
+    paths, retain_cols, kw = _prepared_with_retain(args, fmt, task)
 
     def measure(model) -> dict:
         u = steering_direction(model, configs[0]["seed"])
@@ -325,7 +320,7 @@ def run_alignment_cmd(args) -> int:
         return {**stats, **summarize_forget(forget_columns(model, tokenizer, task.forget, **kw), retain_cols,
                                             args.split)}
 
-    target, _ = load_model(str(paths["target"]), dtype=args.dtype, device=args.device)
+    target, tokenizer = load_model(str(paths["target"]), dtype=args.dtype, device=args.device)
     before = measure(target)
     points = []
     for c, cfg in zip(coefficients, configs):

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import statistics
 
-from ..data.format import PromptFormat, encode_answer, encode_prompt, prompt_text
-from ..attacks.score import Probe, score_probes, summarize_forget
+from ..attacks.score import question_probes, score_probes, summarize_forget
+from ..data.format import PromptFormat, encode_answer
 
 SUBSETS = ("strong", "weak", "short", "long")
 
 
-def clean_probes(tokenizer, rows, fmt: PromptFormat) -> list[Probe]:
-    return [Probe(encode_prompt(tokenizer, r["question"], fmt), prompt_text(tokenizer, r["question"], fmt))
-            for r in rows]
-
-
 def forget_columns(model, tokenizer, rows, fmt: PromptFormat = PromptFormat(), batch_size: int = 32) -> dict:
     """Teacher-forced forget columns (EVAL layout) of `model` on `rows`: the values every subset is cut from."""
-    return score_probes(model, tokenizer, rows, clean_probes(tokenizer, rows, fmt), fmt=fmt, generate=False,
+    return score_probes(model, tokenizer, rows, question_probes(tokenizer, rows, fmt), fmt=fmt, generate=False,
                         batch_size=batch_size)
 
 

@@ -15,11 +15,11 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
-from ..data.format import PromptFormat, encode_answer, encode_prompt, prompt_text
+from ..data.format import PromptFormat, encode_answer
 from ..errors import UserError
 from ..train.finetune import finetune
 from ..train.loop import TrainConfig
-from .score import Probe, score_probes, summarize_forget
+from .score import question_probes, score_probes, summarize_forget
 
 RELEARN_SETS = ("random", "shortest")
 
@@ -64,11 +64,6 @@ def split_forget(rows: list[dict], cfg: RelearnConfig, tokenizer, fmt: PromptFor
     return [r for i, r in enumerate(rows) if i in chosen], [r for i, r in enumerate(rows) if i not in chosen]
 
 
-def plain_probes(tokenizer, rows, fmt) -> list[Probe]:
-    return [Probe(encode_prompt(tokenizer, r["question"], fmt), prompt_text(tokenizer, r["question"], fmt))
-            for r in rows]
-
-
 def with_lora(model, r: int):
     from peft import LoraConfig, get_peft_model
 
@@ -84,8 +79,8 @@ def relearn_curve(model, tokenizer, relearn_rows: list[dict], heldout_rows: list
     curve: one point per evaluation (step 0, every eval_every steps, the last step) with the held-out forget
     metrics and p(a|q) of the relearned rows themselves (did relearning take?). reference: the retain model's
     forget columns for `heldout_rows` (score.reference_rows), for forget quality."""
-    held_probes = plain_probes(tokenizer, heldout_rows, fmt)
-    taught_probes = plain_probes(tokenizer, relearn_rows, fmt)
+    held_probes = question_probes(tokenizer, heldout_rows, fmt)
+    taught_probes = question_probes(tokenizer, relearn_rows, fmt)
     kw = dict(fmt=fmt, guard=guard, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
     curve, samples = [], {}
 

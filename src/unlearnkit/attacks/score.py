@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data.format import IGNORE, PromptFormat, encode_answer
+from ..data.format import IGNORE, PromptFormat, encode_answer, encode_prompt, prompt_text
 from ..eval import metrics as M
 from ..eval.aggregate import summarize
 from ..eval.generate import greedy_generate
@@ -30,6 +30,12 @@ class Probe:
     prompt_ids: list[int]
     prompt_text: str            # what an ECO guard classifies (the rendered prompt)
     given_answer_tokens: int = 0
+
+
+def question_probes(tokenizer, rows: list[dict], fmt: PromptFormat = PromptFormat()) -> list[Probe]:
+    """The plain question of each row, as `eval tofu` asks it (no attack)."""
+    return [Probe(encode_prompt(tokenizer, r["question"], fmt), prompt_text(tokenizer, r["question"], fmt))
+            for r in rows]
 
 
 def answer_variants(row: dict) -> list[tuple[str, str]]:
