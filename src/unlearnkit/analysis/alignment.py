@@ -14,29 +14,46 @@ import torch
 from ..data.batching import collate, encode_items
 from ..data.format import PromptFormat
 from ..methods.rmu import unit_vector
+from ..train.activations import decoder_of
 
 
-@torch.no_grad()
-def layer_alignment(model, tokenizer, rows: list[dict], layer: int, u: torch.Tensor, *,
-                    fmt: PromptFormat = PromptFormat(), batch_size: int = 16, max_length: int = 512) -> dict:
-    """{"cosine": mean over real tokens of cos(h_l, u), "norm": mean token ‖h_l‖, "tokens": count}."""
-    examples = encode_items(tokenizer, rows, fmt, max_length=max_length, source="alignment rows")
+def hidden_state_index(layer: int) -> int:
+    """Index in HF hidden_states of the output of decoder layer `layer` (index 0 is the embeddings)."""
+    return layer + 1
+
+
+def hidden_state_batches(model, tokenizer, rows: list[dict], *, fmt: PromptFormat = PromptFormat(),
+                         batch_size: int = 16, max_length: int = 512, source: str = "analysis rows"):
+    """Yield (HF hidden_states — embeddings, then one per decoder layer —, real-token mask) per batch of `rows`,
+    encoded as training sees them (prompt and answer), the model in eval mode and without gradients. Only the
+    decoder stack runs (no LM head: the hidden states are the same, without the logits' cost)."""
+    decoder = decoder_of(model)
+    examples = encode_items(tokenizer, rows, fmt, max_length=max_length, source=source)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cos_sum = norm_sum = 0.0
-    tokens = 0
     try:
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer + 1]
-            h = h.double()[mask.bool()]
-            cos_sum += float(torch.nn.functional.cosine_similarity(h, u.to(h), dim=-1).sum())
-            norm_sum += float(h.norm(dim=-1).sum())
-            tokens += h.shape[0]
+            with torch.no_grad():
+                hidden = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            yield hidden, mask.bool()
     finally:
         model.train(was_training)
+
+
+def layer_alignment(model, tokenizer, rows: list[dict], layer: int, u: torch.Tensor, *,
+                    fmt: PromptFormat = PromptFormat(), batch_size: int = 16, max_length: int = 512) -> dict:
+    """{"cosine": mean over real tokens of cos(h_l, u), "norm": mean token ‖h_l‖, "tokens": count}."""
+    cos_sum = norm_sum = 0.0
+    tokens = 0
+    for hidden, mask in hidden_state_batches(model, tokenizer, rows, fmt=fmt, batch_size=batch_size,
+                                             max_length=max_length, source="alignment rows"):
+        h = hidden[hidden_state_index(layer)].double()[mask]
+        cos_sum += float(torch.nn.functional.cosine_similarity(h, u.to(h), dim=-1).sum())
+        norm_sum += float(h.norm(dim=-1).sum())
+        tokens += h.shape[0]
     return {"cosine": cos_sum / tokens, "norm": norm_sum / tokens, "tokens": tokens}
 
 

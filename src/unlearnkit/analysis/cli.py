@@ -2,7 +2,8 @@
 
 Subcommands: markov (SimNPO's synthetic Markov-chain study), confidence (token confidence before / after),
 difficulty (SimNPO's strongly / weakly memorised and short / long forget data), alignment
-(RMU's steering coefficient against the layer's activation norm). Each analysis adds its parser in `add_commands` below
+(RMU's steering coefficient against the layer's activation norm), layers (one run per method and layer, beside the
+layer's activation norm). Each analysis adds its parser in `add_commands` below
 (one `_add_NAME(asub)` call each) and checks every option before any work starts; a command that writes a folder
 writes it aside and publishes it whole (files.py rules)."""
 from __future__ import annotations
@@ -14,17 +15,18 @@ from ..errors import UserError
 from ..files import check_out_dir, write_folder, write_json_atomic
 
 KIND = {"markov": "analyze markov", "confidence": "analyze confidence", "difficulty": "analyze difficulty",
-        "alignment": "analyze alignment"}
+        "alignment": "analyze alignment", "layers": "analyze layers"}
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov, confidence, difficulty, alignment)")
+    p = sub.add_parser("analyze", help="analyses: why unlearning methods behave as they do (markov, confidence, difficulty, alignment, layers)")
     asub = p.add_subparsers(dest="analyze_command", metavar="ANALYSIS", required=True)
     _add_markov(asub)
     _add_confidence(asub)
     _add_difficulty(asub)
     _add_alignment(asub)
-    # Further analyses (layers) register here, one _add_NAME(asub) each.
+    _add_layers(asub)
+    # Further analyses register here, one _add_NAME(asub) each.
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -197,8 +199,9 @@ def _add_prepared_args(p, name: str, batch_size: int) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def _prepared_with_retain(args, fmt, task):
-    """(prepared paths, the retain model's teacher-forced forget columns, forget_columns keyword arguments)."""
+def _prepared_with_retain(args, fmt, task, score=None):
+    """(prepared paths, the retain model's reference, forget_columns keyword arguments). The reference is
+    score(retain model, tokenizer) when given, else the retain model's teacher-forced forget columns."""
     from ..models import load_model
     from ..prepare import prepare_tofu
     from .difficulty import forget_columns
@@ -207,6 +210,8 @@ def _prepared_with_retain(args, fmt, task):
                          device=args.device, progress=not args.quiet)
     kw = dict(fmt=fmt, batch_size=args.batch_size)
     retain_model, tokenizer = load_model(str(paths["retain"]), dtype=args.dtype, device=args.device)
+    if score is not None:
+        return paths, score(retain_model, tokenizer), kw
     return paths, forget_columns(retain_model, tokenizer, task.forget, **kw), kw
 
 
@@ -344,4 +349,106 @@ def run_alignment_cmd(args) -> int:
         print(f"c {p['c']:>8g}  c/||h|| {p['c_over_norm']:>7.2f}  cos {p['cosine']:.3f}  ||h|| {p['norm']:8.1f}  "
               f"forget p {p['forget_prob']:.3g}  FQ {fq}")
     print(f"wrote {out / 'ALIGNMENT.json'} and {out / 'ALIGNMENT.png'}")
+    return 0
+
+
+def _add_layers(asub) -> None:
+    from .layers import layer_methods
+
+    default = ",".join(layer_methods())
+    y = asub.add_parser("layers", help="one unlearning run per method and layer (trained parameters l-2..l): forget "
+                        "and retain metrics per layer, beside the target's mean activation norm there",
+                        description="For every method with a layer setting and every layer: unlearn from the same "
+                        "target with only the layer changed, score teacher-forced against the retain model; the "
+                        "frozen target's mean token norm of h_l (HF hidden_states[l + 1]) on the forget QA beside it. "
+                        "Writes LAYERS.json and LAYERS.png.")
+    y.add_argument("--methods", type=_csv, default=_csv(default), metavar="M1,M2",
+                   help=f"methods that take a layer setting (default: {default})")
+    y.add_argument("--layers", required=True, metavar="A..B[:STEP],...",
+                   help="decoder layers: 3..27 (inclusive), 3..27:4 (every 4th), 3,7,11 or a mix")
+    y.add_argument("--steps", type=int, default=None, help="steps per run (default: each method's own budget)")
+    y.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every run (not layer or params: those follow --layers)")
+    y.add_argument("--generate", action="store_true", help="also generate answers: ROUGE-L and model utility "
+                   "(slower; off: teacher-forced numbers only)")
+    y.add_argument("--max-new-tokens", type=int, default=200, help="with --generate (default %(default)s)")
+    y.add_argument("--limit", type=int, default=None, help="score only the first N rows of each evaluation set "
+                   "(quick looks; unlearning and the norms use the whole forget set)")
+    _add_prepared_args(y, "LAYERS", batch_size=16)
+    y.set_defaults(func=run_layers_cmd)
+
+
+def run_layers_cmd(args) -> int:
+    from ..cli_common import check_model_args, prompt_format
+    from ..data import tofu
+    from ..eval.limits import at_least
+    from ..eval.tofu import limit_task
+    from ..methods.cli import parse_sets
+    from ..models import load_model
+    from ..train.loop import NonFiniteLoss
+    from ..unlearning import resolve_config, unlearn
+    from .layers import (check_layers, check_methods, check_sets, layers_figure, mean_token_norms, parse_layers,
+                         reference_log, score_model, shape_model, summary_lines)
+
+    at_least(args.steps, 1, "--steps", none_ok=True)
+    at_least(args.batch_size, 1, "--batch-size")
+    at_least(args.max_new_tokens, 1, "--max-new-tokens")
+    at_least(args.limit, 1, "--limit", none_ok=True)
+    check_model_args(args)
+    methods = check_methods(args.methods)
+    layers = parse_layers(args.layers)
+    fixed = parse_sets(args.set)
+    check_sets(fixed)
+    if args.steps is not None:
+        fixed["max_steps"] = args.steps
+    runs = [(m, layer, {**fixed, "layer": layer}) for m in methods for layer in layers]
+    check_layers(shape_model(args.model), [(m, layer, resolve_config(m, cfg)) for m, layer, cfg in runs], args.layers)
+    out = check_out_dir(args.out, KIND["layers"], inputs=[args.model] if args.model and Path(args.model).exists()
+                        else [])
+    fmt = prompt_format(args)
+    task = tofu.task(args.split)
+    scored = limit_task(task, args.limit)
+    score_kw = dict(fmt=fmt, batch_size=args.batch_size, max_length=args.max_length)
+    paths, reference, _ = _prepared_with_retain(
+        args, fmt, task, score=lambda model, tok: reference_log(model, tok, scored, **score_kw))
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def score(model) -> dict:
+        return score_model(model, tokenizer, scored, reference=reference, generate=args.generate,
+                           max_new_tokens=args.max_new_tokens, **score_kw)
+
+    target, tokenizer = load_model(str(paths["target"]), dtype=args.dtype, device=args.device)
+    norms = mean_token_norms(target, tokenizer, task.forget, layers, **score_kw)
+    doc = {"split": args.split, "methods": methods, "layers": layers, "fixed": fixed, "generate": args.generate,
+           "limit": args.limit,
+           "norms": {"hidden_state": "h_l = output of decoder layer l = HF hidden_states[l + 1]; mean per-token L2 "
+                     "norm over every real token (prompt and answer) of the forget QA, frozen target",
+                     "tokens": norms["tokens"],
+                     "per_layer": [{"layer": k, "mean_token_norm": v} for k, v in norms["norms"].items()]},
+           "target": score(target), "runs": {m: [] for m in methods}}
+    del target
+    versions = None
+    for i, (method, layer, overrides) in enumerate(runs, 1):
+        say(f"[layers] {method} at layer {layer} ({i}/{len(runs)})")
+        model = load_model(str(paths["target"]), dtype=args.dtype, device=args.device, with_tokenizer=False)
+        try:
+            info = unlearn(model, tokenizer, method, task.forget, task.retain_train_for_unlearning, overrides,
+                           fmt=fmt, progress=not args.quiet)
+        except NonFiniteLoss as e:  # one diverging run does not end the sweep: it is recorded as failed
+            doc["runs"][method].append({"layer": layer, "error": str(e).split("; stopped")[0]})
+            continue
+        versions = versions or info["versions"]
+        doc["runs"][method].append({"layer": layer, **score(info.pop("model")), "report": info["method_report"],
+                                    "steps": len(info["steps"]), "train_seconds": info["train_seconds"],
+                                    "trained_parameters": info["trained_parameters"], "config": info["config"]})
+    doc.update(command=" ".join(sys.argv), options={k: v for k, v in vars(args).items() if k != "func"},
+               versions=versions)
+
+    def write(tmp: Path) -> None:
+        write_json_atomic(tmp / "LAYERS.json", doc)
+        layers_figure(doc, tmp / "LAYERS.png", title=f"{', '.join(methods)} across layers — {args.split}")
+
+    write_folder(out, KIND["layers"], write)
+    print("\n".join(summary_lines(doc)))
+    print(f"wrote {out / 'LAYERS.json'} and {out / 'LAYERS.png'}")
     return 0
