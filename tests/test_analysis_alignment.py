@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import cli_error
+from helpers import cli_error, layer_outputs_by_hand
 
 from unlearnkit.analysis.alignment import layer_alignment, steering_direction
 from unlearnkit.cli import main
@@ -19,20 +19,12 @@ def test_layer_alignment_is_its_definition(tiny_model, tokenizer):
     u = steering_direction(tiny_model, seed=0)
     got = layer_alignment(tiny_model, tokenizer, ROWS, 1, u, batch_size=2)
     cos, norm = [], []
-    with torch.no_grad():
-        for row in ROWS:
-            ids = torch.tensor([encode_qa(tokenizer, row["question"], row["answer"])["input_ids"]])
-            # h_1 = output of decoder layer 1, computed by hand from the layers
-            inner = tiny_model.model
-            h = inner.embed_tokens(ids)
-            pos = torch.arange(ids.shape[1])[None]
-            emb = inner.rotary_emb(h, pos)
-            for layer in inner.layers[:2]:
-                h = layer(h, position_embeddings=emb, position_ids=pos)
-                h = h[0] if isinstance(h, tuple) else h
-            for vec in h[0].double():
-                cos.append(float(vec @ u.double() / vec.norm()))
-                norm.append(float(vec.norm()))
+    for row in ROWS:
+        ids = torch.tensor([encode_qa(tokenizer, row["question"], row["answer"])["input_ids"]])
+        h = layer_outputs_by_hand(tiny_model, ids, 2)[1]  # h_1 = output of decoder layer 1
+        for vec in h[0].double():
+            cos.append(float(vec @ u.double() / vec.norm()))
+            norm.append(float(vec.norm()))
     assert got["tokens"] == len(cos)
     assert got["cosine"] == pytest.approx(sum(cos) / len(cos), abs=1e-5)
     assert got["norm"] == pytest.approx(sum(norm) / len(norm), rel=1e-5)

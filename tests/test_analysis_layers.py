@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import cli_error
+from helpers import cli_error, layer_outputs_by_hand
 
 from unlearnkit import methods
 from unlearnkit.analysis.layers import check_methods, layer_methods, mean_token_norms, parse_layers
@@ -56,18 +56,10 @@ def test_methods_come_from_the_registry():
 def test_mean_token_norms_are_their_definition(tiny_model, tokenizer):
     got = mean_token_norms(tiny_model, tokenizer, ROWS, [0, 1, 2], batch_size=2)
     norms = {0: [], 1: [], 2: []}
-    with torch.no_grad():
-        for row in ROWS:
-            ids = torch.tensor([encode_qa(tokenizer, row["question"], row["answer"])["input_ids"]])
-            # h_l = output of decoder layer l, computed by hand from the layers, one unpadded row at a time
-            inner = tiny_model.model
-            h = inner.embed_tokens(ids)
-            pos = torch.arange(ids.shape[1])[None]
-            emb = inner.rotary_emb(h, pos)
-            for i, layer in enumerate(inner.layers[:3]):
-                h = layer(h, position_embeddings=emb, position_ids=pos)
-                h = h[0] if isinstance(h, tuple) else h
-                norms[i] += [float(v.double().norm()) for v in h[0]]
+    for row in ROWS:  # one unpadded row at a time; the command batches (padded) rows
+        ids = torch.tensor([encode_qa(tokenizer, row["question"], row["answer"])["input_ids"]])
+        for layer, h in enumerate(layer_outputs_by_hand(tiny_model, ids, 3)):
+            norms[layer] += [float(v.double().norm()) for v in h[0]]
     assert got["tokens"] == len(norms[0])
     for layer, values in norms.items():
         assert got["norms"][layer] == pytest.approx(sum(values) / len(values), rel=1e-5)

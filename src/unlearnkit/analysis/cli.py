@@ -379,6 +379,8 @@ def _add_layers(asub) -> None:
 
 
 def run_layers_cmd(args) -> int:
+    import copy
+
     from ..cli_common import check_model_args, prompt_format
     from ..data import tofu
     from ..eval.limits import at_least
@@ -426,11 +428,10 @@ def run_layers_cmd(args) -> int:
                      "tokens": norms["tokens"],
                      "per_layer": [{"layer": k, "mean_token_norm": v} for k, v in norms["norms"].items()]},
            "target": score(target), "runs": {m: [] for m in methods}}
-    del target
     versions = None
     for i, (method, layer, overrides) in enumerate(runs, 1):
         say(f"[layers] {method} at layer {layer} ({i}/{len(runs)})")
-        model = load_model(str(paths["target"]), dtype=args.dtype, device=args.device, with_tokenizer=False)
+        model = copy.deepcopy(target)  # every run starts from the same target
         try:
             info = unlearn(model, tokenizer, method, task.forget, task.retain_train_for_unlearning, overrides,
                            fmt=fmt, progress=not args.quiet)

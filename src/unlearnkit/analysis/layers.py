@@ -157,7 +157,9 @@ def _series(doc: dict, method: str, key: str) -> tuple[list, list]:
 def layers_figure(doc: dict, path, title: str = ""):
     """Forget p, forget quality (log), retain p against the layer, one line per method (target: reference line),
     and the frozen target's mean ‖h_l‖ per layer."""
-    from ..plots import REFERENCE_STYLE, line_style, pyplot, save
+    from matplotlib.ticker import MaxNLocator
+
+    from ..plots import PALETTE, REFERENCE_STYLE, line_style, pyplot, save
 
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(9.0, 6.4), sharex=True)
@@ -174,12 +176,13 @@ def layers_figure(doc: dict, path, title: str = ""):
         ax.legend(loc="best")
     ax = axes.flat[3]
     norms = doc["norms"]["per_layer"]
-    ax.plot([n["layer"] for n in norms], [n["mean_token_norm"] for n in norms], **line_style("target", "target", 0),
-            marker="o", markersize=3)
-    ax.set_ylabel("target's mean ‖h_l‖ on forget tokens")
+    ax.plot([n["layer"] for n in norms], [n["mean_token_norm"] for n in norms], color=PALETTE[-1], marker="o",
+            markersize=3, label="target (frozen)")
+    ax.set_ylabel("mean ‖h_l‖ on forget tokens")
     ax.legend(loc="best")
     for ax in axes[1]:
-        ax.set_xlabel("layer l")
+        ax.set_xlabel("layer l (output of decoder layer l)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     return save(fig, path)
