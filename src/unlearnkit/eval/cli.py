@@ -37,7 +37,7 @@ def add_commands(sub) -> None:
     t.add_argument("--es-convention", default=None, choices=["unlearnkit", "open-unlearning"],
                    help="extraction strength when the last answer token misses: 0 (unlearnkit, the default) or "
                         "1/L (open-unlearning's code); docs/evaluation.md")
-    t.add_argument("--compat", default="unlearnkit", choices=["unlearnkit", "open-unlearning"],
+    t.add_argument("--compat", default="unlearnkit", metavar="{unlearnkit,open-unlearning}",
                    help="open-unlearning: render, label, attend, decode and aggregate exactly as open-unlearning's "
                         "TOFU evaluation, to compare with its numbers (docs/evaluation.md, 'Differences from "
                         "open-unlearning')")
