@@ -45,6 +45,9 @@ class Conventions:
     minkpp_var_floor: float      # Min-K%++: variances are clamped to at least this
     privleak: str                # "muse": (AUC - AUC_ret)/AUC_ret; "one-minus-auc": the same on 1 - AUC
     privleak_default_ref_auc: float | None  # retain AUC assumed without a retain reference (None: PrivLeak null)
+    # The ES convention and the tofu headline truth ratio belong to these conventions: another explicit choice is
+    # refused (else --es-convention / --truth-ratio choose freely).
+    pinned: bool
 
     # ---- rendering and labelling ----------------------------------------------------------------------------------
 
@@ -99,11 +102,11 @@ class Conventions:
 UNLEARNKIT = Conventions(name="unlearnkit", whole_conversation=False, hide_pad_tokens=False, drop_last_label=False,
                          es_convention="unlearnkit", decode_cleanup=None, gold_from_tokens=False,
                          zlib_from_tokens=False, eps=0.0, minkpp_var_floor=1e-12, privleak="muse",
-                         privleak_default_ref_auc=None)
+                         privleak_default_ref_auc=None, pinned=False)
 OPEN_UNLEARNING = Conventions(name="open-unlearning", whole_conversation=True, hide_pad_tokens=True,
                               drop_last_label=True, es_convention="open-unlearning", decode_cleanup=True,
                               gold_from_tokens=True, zlib_from_tokens=True, eps=1e-10, minkpp_var_floor=1e-6,
-                              privleak="one-minus-auc", privleak_default_ref_auc=0.5)
+                              privleak="one-minus-auc", privleak_default_ref_auc=0.5, pinned=True)
 _BY_NAME = {c.name: c for c in (UNLEARNKIT, OPEN_UNLEARNING)}
 
 
@@ -122,7 +125,7 @@ def resolve_es_convention(conv: Conventions, es_convention: str | None) -> str:
     """An explicit --es-convention must agree with --compat open-unlearning (which fixes it); None: the set's own."""
     if es_convention is None:
         return conv.es_convention
-    if conv is not UNLEARNKIT and es_convention != conv.es_convention:
+    if conv.pinned and es_convention != conv.es_convention:
         raise UserError(f"--es-convention {es_convention} conflicts with --compat {conv.name} (which computes ES "
                         f"the {conv.es_convention} way); drop one of them")
     return es_convention

@@ -211,7 +211,8 @@ def _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts
     param = next(model.parameters())
     out: list[TokenStats | None] = [None] * len(examples)
     for group in batches:
-        batch = {k: v.to(param.device) for k, v in shared_prompt_batch(group, pad_id, param.dtype, hidden_token).items()}
+        packed = shared_prompt_batch(group, pad_id, param.dtype, hidden_token)
+        batch = {k: v.to(param.device) for k, v in packed.items()}
         arm = (guard.arm(batch["input_ids"], batch["prompt_mask"], [prompts[r.members[0]] for r in group]
                          if prompts else None) if guard is not None else contextlib.nullcontext())
         with arm:

@@ -122,7 +122,7 @@ def check_options(*, batch_size, max_new_tokens=None, max_length=None, truth_rat
         raise UserError(f"--es-convention: unknown value {es_convention!r}; choose one of "
                         f"{', '.join(M.ES_CONVENTIONS)}")
     conv = conventions(compat)
-    if conv is not UNLEARNKIT and truth_ratio != "tofu":
+    if conv.pinned and truth_ratio != "tofu":
         raise UserError(f"--truth-ratio {truth_ratio} conflicts with --compat {conv.name}, whose headline truth "
                         "ratio is the tofu one (every variant is reported anyway)")
     return conv, resolve_es_convention(conv, es_convention)
