@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from . import metrics as M
+from .conventions import conventions
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
 PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
@@ -26,6 +27,9 @@ REQUIRED = ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss")
 # Optional per-sample numbers: a log made without generation (--no-generate) has no ROUGE; its summary says so.
 OPTIONAL = ("rougeL_recall", "rouge1_recall", "avg_gt_prob")
 MIA_ATTACKS = ("loss", "zlib", "mink", "minkpp")
+PRIVLEAK_CONVENTION_OU = ("open-unlearning (--compat open-unlearning): privleak = ((1 - AUC_model) - (1 - AUC_retain)) "
+                          "/ (1 - AUC_retain + 1e-10) * 100 with the same AUC, AUC_retain = 0.5 without a retain "
+                          "reference; < 0 under-unlearned, > 0 over-unlearned (the opposite sign of MUSE's)")
 PRIVLEAK_CONVENTION = ("MUSE: privleak = (AUC_model - AUC_retain) / AUC_retain * 100, AUC = P(loss-like score of "
                        "holdout > forget); > 0 under-unlearned (forget still looks like training data), "
                        "< 0 over-unlearned")
@@ -236,7 +240,7 @@ def reference_rows(reference_log: dict | None, rows: list[dict]) -> dict | None:
     return {k: [ref[k][i] for i in picked] for k in keep if k in ref}
 
 
-def _set_summary(name: str, cols: dict, variant: str, out: dict, why: dict) -> None:
+def _set_summary(name: str, cols: dict, variant: str, out: dict, why: dict, eps: float = 0.0) -> None:
     p = PREFIX[name]
     forget = name == "forget"
     gt = np.asarray(cols["avg_gt_loss"], float)
@@ -249,11 +253,12 @@ def _set_summary(name: str, cols: dict, variant: str, out: dict, why: dict) -> N
             out[k], why[k] = None, f"non-finite values in {name}.{bad[0]}"
     else:
         # Probability: plain on forget/retain, normalised over the options on real_authors/world_facts (TOFU).
-        out[f"{p}_prob"] = float((M.prob(gt) if name in ("forget", "retain") else M.normalised_prob(gt, pert)).mean())
-        out[f"{p}_truth_ratio"] = M.truth_ratio_score(M.truth_ratio(para, pert, variant), forget, variant)
+        out[f"{p}_prob"] = float((M.prob(gt) if name in ("forget", "retain") else
+                                  M.normalised_prob(gt, pert, eps)).mean())
+        out[f"{p}_truth_ratio"] = M.truth_ratio_score(M.truth_ratio(para, pert, variant, eps), forget, variant, eps)
         for v in M.TRUTH_RATIO_VARIANTS:
             if v != "tofu":
-                out[f"{p}_truth_ratio_{v}"] = M.truth_ratio_score(M.truth_ratio(para, pert, v), forget, v)
+                out[f"{p}_truth_ratio_{v}"] = M.truth_ratio_score(M.truth_ratio(para, pert, v, eps), forget, v, eps)
     for field in ("rougeL_recall", "rouge1_recall", "rougeL_f1", "es", "em"):
         key = f"{p}_{field}"
         if field in cols:
@@ -277,12 +282,13 @@ def summarize(ev: dict, ref: dict | None = None, variant: str = "tofu") -> dict:
     """SUMMARY dict from an EVAL-layout dict and an optional retain-model reference in the same layout."""
     if variant not in M.TRUTH_RATIO_VARIANTS:
         raise UserError(f"--truth-ratio: unknown value {variant!r}; choose one of {', '.join(M.TRUTH_RATIO_VARIANTS)}")
+    conv = conventions(log_compat(ev) or "unlearnkit")  # the log's own conventions (eps, PrivLeak formula)
     out: dict = {"split": ev.get("split"), "truth_ratio_variant": variant}
     why: dict = {}
     sets = ev["sets"]
     for name in SETS:
         if name in sets:
-            _set_summary(name, sets[name], variant, out, why)
+            _set_summary(name, sets[name], variant, out, why, conv.eps)
         else:
             for k in ("prob", "truth_ratio", "rougeL_recall"):
                 out[f"{PREFIX[name]}_{k}"], why[f"{PREFIX[name]}_{k}"] = None, f"no {name} set in the log"
@@ -302,8 +308,8 @@ def summarize(ev: dict, ref: dict | None = None, variant: str = "tofu") -> dict:
     else:
         out["retain_log_match"] = match_reference(ev, ref)
         f, rf = sets["forget"], ref["sets"]["forget"]
-        r = M.truth_ratio(f["avg_paraphrased_loss"], f["average_perturb_loss"], variant)
-        rr = M.truth_ratio(rf["avg_paraphrased_loss"], rf["average_perturb_loss"], variant)
+        r = M.truth_ratio(f["avg_paraphrased_loss"], f["average_perturb_loss"], variant, conv.eps)
+        rr = M.truth_ratio(rf["avg_paraphrased_loss"], rf["average_perturb_loss"], variant, conv.eps)
         if np.isfinite(r).all() and np.isfinite(rr).all():
             out["forget_quality"] = M.forget_quality(r, rr)
         else:
@@ -321,9 +327,10 @@ def summarize(ev: dict, ref: dict | None = None, variant: str = "tofu") -> dict:
     ref_aucs = _mia(ref) if ref is not None else {}
     for a in MIA_ATTACKS:
         key = f"privleak_{a}"
-        out[key] = M.privleak(aucs[a], ref_aucs[a]) if a in aucs and a in ref_aucs else None
+        ref_auc = ref_aucs.get(a, conv.privleak_default_ref_auc if ref is None else None)
+        out[key] = M.privleak(aucs[a], ref_auc, conv.privleak, conv.eps) if a in aucs and ref_auc is not None else None
     out["privleak"] = out["privleak_mink"]  # MUSE reports PrivLeak with Min-K% Prob
-    out["privleak_convention"] = PRIVLEAK_CONVENTION
+    out["privleak_convention"] = PRIVLEAK_CONVENTION if conv.privleak == "muse" else PRIVLEAK_CONVENTION_OU
     if out["retain_log_match"] is None:
         why["retain_log_match"] = why.get("forget_quality") or "no forget set in both logs"
     else:
@@ -340,9 +347,25 @@ def summarize(ev: dict, ref: dict | None = None, variant: str = "tofu") -> dict:
     return out
 
 
+def log_compat(ev: dict) -> str | None:
+    """The --compat a log was written with: recorded in our EVAL.json; our logs from before it existed used the
+    default; None for other logs (TOFU's own), whose conventions are unknown."""
+    settings = ev.get("settings") or {}
+    return settings.get("compat") or ("unlearnkit" if ev.get("format") else None)
+
+
+def check_same_conventions(compat: str | None, ref: dict) -> None:
+    """Forget quality and PrivLeak compare two logs' numbers: both must come from the same conventions."""
+    theirs = log_compat(ref)
+    if compat and theirs and compat != theirs:
+        raise UserError(f"{ref.get('source', 'retain reference')}: evaluated with --compat {theirs}, the model with "
+                        f"--compat {compat}; evaluate both the same way")
+
+
 def aggregate(path, retain_log=None, variant: str = "tofu") -> dict:
     ev = load_log(path)
     ref = load_log(retain_log) if retain_log else None
     if ref is not None:
+        check_same_conventions(log_compat(ev), ref)
         match_reference(ev, ref)  # fail before any summary work
     return summarize(ev, ref, variant)

@@ -34,9 +34,13 @@ def add_commands(sub) -> None:
     _common(t)
     t.add_argument("--truth-ratio", default="tofu", choices=["tofu", "arith", "para_share"],
                    help="truth-ratio variant used in the headline numbers (all are reported)")
-    t.add_argument("--es-convention", default="unlearnkit", choices=["unlearnkit", "open-unlearning"],
-                   help="extraction strength when the last answer token misses: 0 (unlearnkit) or 1/L "
-                        "(open-unlearning's code); docs/evaluation.md")
+    t.add_argument("--es-convention", default=None, choices=["unlearnkit", "open-unlearning"],
+                   help="extraction strength when the last answer token misses: 0 (unlearnkit, the default) or "
+                        "1/L (open-unlearning's code); docs/evaluation.md")
+    t.add_argument("--compat", default="unlearnkit", metavar="{unlearnkit,open-unlearning}",
+                   help="open-unlearning: render, label, attend, decode and aggregate exactly as open-unlearning's "
+                        "TOFU evaluation, to compare with its numbers (docs/evaluation.md, 'Differences from "
+                        "open-unlearning')")
     t.add_argument("--no-generate", action="store_true", help="skip generation (ROUGE and model utility null)")
     t.add_argument("--limit", type=int, default=None, help="evaluate only the first N (>= 1) rows of each set")
     t.set_defaults(func=run_tofu)
@@ -125,11 +129,11 @@ def _guard(args, model, tokenizer):
 def run_tofu(args) -> int:
     from ..data import tofu
     from ..data.qa import load_qa
-    from .aggregate import load_log
+    from .aggregate import check_same_conventions, load_log
     from .tofu import check_lengths, check_options, evaluate_tofu, limit_task, summary_table, task_sets, write_eval
 
     check_options(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                  truth_ratio=args.truth_ratio, es_convention=args.es_convention)
+                  truth_ratio=args.truth_ratio, es_convention=args.es_convention, compat=args.compat)
     at_least(args.limit, 1, "--limit", none_ok=True)
     check_model_args(args, "model", "retain_model")
     out = check_out_dir(args.out, KIND["tofu"], inputs=_inputs(args.model, args.retain_model, args.retain_log,
@@ -140,11 +144,14 @@ def run_tofu(args) -> int:
     holdout = holdout[:args.limit] if holdout and args.limit else holdout
     task, sets = task_sets(limit_task(tofu.task(args.split), args.limit), holdout)
     reference = load_log(args.retain_log) if args.retain_log else None
+    if reference is not None:
+        check_same_conventions(args.compat, reference)
     max_new = None if args.no_generate else args.max_new_tokens
     for option in ("retain_model", "model") if args.retain_model else ("model",):
         tok, context = _context(args, option)
         try:
-            check_lengths(tok, sets, fmt, max_length=args.max_length, max_new_tokens=max_new, context=context)
+            check_lengths(tok, sets, fmt, max_length=args.max_length, max_new_tokens=max_new, context=context,
+                          compat=args.compat)
         except UserError as e:
             if not args.retain_model:
                 raise
@@ -152,7 +159,7 @@ def run_tofu(args) -> int:
             raise UserError(f"--{option.replace('_', '-')} {getattr(args, option) or '(default)'}: {e}") from e
     kw = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
               progress=not args.quiet, holdout=holdout, truth_ratio=args.truth_ratio,
-              es_convention=args.es_convention, generate=not args.no_generate)
+              es_convention=args.es_convention, generate=not args.no_generate, compat=args.compat)
     rows = {}
 
     def write(tmp: Path) -> None:

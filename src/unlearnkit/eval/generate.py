@@ -19,7 +19,8 @@ def cut_at_stops(text: str, stops) -> str:
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int = 200,
                     batch_size: int = 16, stop_strings=(), prompts: list[str] | None = None, guard=None,
-                    progress=None, engine: str = "continuous") -> list[str]:
+                    progress=None, engine: str = "continuous", hidden_token: int | None = None,
+                    decode=None) -> list[str]:
     """Greedy continuation of each tokenised prompt, decoded without special tokens, in input order.
 
     Rows stop at the tokenizer's EOS; with stop_strings a row also ends once one appears and the text is cut before
@@ -29,6 +30,9 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
     their batch decode to max_new_tokens nor leave it running at one or two rows. engine="pruned": the same loop on
     fixed batches (rows leave, none join). engine="hf": `model.generate` on fixed batches (reference). All give the
     same text (tests check).
+    hidden_token: prompt positions holding this id are left out of the attention mask (open-unlearning's collator:
+    attention_mask = input_ids != pad, pad == EOS); positions then count only the attended tokens, as HF generate
+    derives them from the mask. decode(ids) → text (default: decode without special tokens).
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -36,7 +40,10 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
 
     def left_padded(idx):
         batch = collate([{"input_ids": prompt_ids[i], "labels": prompt_ids[i]} for i in idx], pad, "left")
-        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        attn = batch["attention_mask"]
+        if hidden_token is not None:
+            attn = attn * (batch["input_ids"] != hidden_token)
+        return batch["input_ids"].to(device), attn.to(device)
 
     def armed(idx, ids, attn):  # the guard corrupts the first forward only: the prefill
         return (guard.arm(ids, attn.bool(), [prompts[i] for i in idx] if prompts else None)
@@ -61,7 +68,8 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
         new = new_tokens[i]
         if tokenizer.eos_token_id in new:
             new = new[:new.index(tokenizer.eos_token_id)]
-        out.append(cut_at_stops(tokenizer.decode(new, skip_special_tokens=True), stop_strings).strip())
+        text = decode(new) if decode is not None else tokenizer.decode(new, skip_special_tokens=True)
+        out.append(cut_at_stops(text, stop_strings).strip())
     return out
 
 

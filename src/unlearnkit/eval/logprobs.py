@@ -85,18 +85,22 @@ def _split_stats(members, owner, logits, targets, want_dist, out) -> None:
 @torch.no_grad()
 def sequence_stats(model, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
                    want_dist: list[bool] | None = None, prompts: list[str] | None = None,
-                   guard=None, progress=None, share_prompts: bool = True) -> list[TokenStats]:
+                   guard=None, progress=None, share_prompts: bool = True,
+                   hidden_token: int | None = None) -> list[TokenStats]:
     """TokenStats for each tokenised example ({"input_ids", "labels"}), in input order.
 
     want_dist[i]: also compute Min-K%++'s mu/var for example i. prompts[i]: prompt string handed to the guard.
     Examples are batched by length (sorted, so padding is minimal); one forward per batch. share_prompts: examples
     with the same prompt tokens share one row (module docstring); when off, or when the model's attention cannot
-    take a custom mask, each example is its own row.
+    take a custom mask, each example is its own row. hidden_token: no position holding this id is attended to,
+    as with an attention mask of input_ids != that id (open-unlearning's collator, pad == EOS); positions still
+    count every token.
     """
     n = len(examples)
     want_dist = list(want_dist) if want_dist is not None else [False] * n
     if n and share_prompts and can_share_prompts(model):
-        return _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts, guard, progress)
+        return _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts, guard, progress,
+                                    hidden_token)
     order = sorted(range(n), key=lambda i: len(examples[i]["input_ids"]))
     device = next(model.parameters()).device
     out: list[TokenStats | None] = [None] * n
@@ -105,6 +109,8 @@ def sequence_stats(model, examples: list[dict], *, batch_size: int = 16, pad_id:
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         arm = (guard.arm(batch["input_ids"], prompt_mask(batch), [prompts[i] for i in idx] if prompts else None)
                if guard is not None else contextlib.nullcontext())
+        if hidden_token is not None:
+            batch["attention_mask"] = batch["attention_mask"] * (batch["input_ids"] != hidden_token)
         with arm:
             logits, targets, rows = label_logits(model, batch)
         _split_stats(idx, torch.tensor(idx, device=device)[rows], logits, targets, want_dist, out)
@@ -164,8 +170,11 @@ def pack_shared_prompts(examples: list[dict], max_row_tokens: int | None = None)
     return rows
 
 
-def shared_prompt_batch(rows: list[SharedPromptRow], pad_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Right-padded ids and positions, a [B, 1, T, T] additive mask (0 = may attend), and the prompt mask."""
+def shared_prompt_batch(rows: list[SharedPromptRow], pad_id: int, dtype: torch.dtype,
+                        hidden_token: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ids and positions, a [B, 1, T, T] additive mask (0 = may attend), and the prompt mask.
+    hidden_token: keys holding this id are masked for every query (itself included), as a 2-D attention mask with
+    zeros there does."""
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -177,12 +186,17 @@ def shared_prompt_batch(rows: list[SharedPromptRow], pad_id: int, dtype: torch.d
         seg[b, :n] = torch.tensor(r.segment)
     query, key = seg[:, :, None], seg[:, None, :]
     allowed = torch.ones(width, width, dtype=torch.bool).tril() & (key >= 0) & ((key == 0) | (key == query))
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no all-masked softmax rows
+    if hidden_token is None:
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no all-masked softmax rows
+    else:
+        allowed &= (ids != hidden_token)[:, None, :]
+        # only a query left with nothing to see gets itself back (padding; a hidden first token)
+        allowed |= torch.eye(width, dtype=torch.bool) & ~allowed.any(-1, keepdim=True)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None], "prompt_mask": seg == 0}
 
 
-def _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts, guard, progress):
+def _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts, guard, progress, hidden_token):
     # About as many tokens per forward as batch_size unshared examples of average length; no row longer than that.
     budget = batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples)
     rows = sorted(pack_shared_prompts(examples, max_row_tokens=int(budget)), key=lambda r: len(r.input_ids))
@@ -197,7 +211,8 @@ def _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts
     param = next(model.parameters())
     out: list[TokenStats | None] = [None] * len(examples)
     for group in batches:
-        batch = {k: v.to(param.device) for k, v in shared_prompt_batch(group, pad_id, param.dtype).items()}
+        packed = shared_prompt_batch(group, pad_id, param.dtype, hidden_token)
+        batch = {k: v.to(param.device) for k, v in packed.items()}
         arm = (guard.arm(batch["input_ids"], batch["prompt_mask"], [prompts[r.members[0]] for r in group]
                          if prompts else None) if guard is not None else contextlib.nullcontext())
         with arm:

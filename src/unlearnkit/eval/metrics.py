@@ -25,34 +25,39 @@ def prob(nll) -> np.ndarray:
     return np.exp(-np.asarray(nll, dtype=np.float64))
 
 
-def normalised_prob(gt_nll, perturb_nll) -> np.ndarray:
-    """p(correct) / (p(correct) + sum_j p(perturbed_j)), per item (TOFU's probability on real_authors/world_facts)."""
+def normalised_prob(gt_nll, perturb_nll, eps: float = 0.0) -> np.ndarray:
+    """p(correct) / (p(correct) + sum_j p(perturbed_j) + eps), per item (TOFU's probability on real_authors/world_facts;
+    open-unlearning adds eps = 1e-10)."""
     p_true, p_false = prob(gt_nll), prob(perturb_nll)
-    return p_true / (p_true + p_false.sum(-1))
+    return p_true / (p_true + p_false.sum(-1) + eps)
 
 
-def truth_ratio(para_nll, perturb_nll, variant: str = "tofu") -> np.ndarray:
+def truth_ratio(para_nll, perturb_nll, variant: str = "tofu", eps: float = 0.0) -> np.ndarray:
     """Raw per-item ratio R. tofu: geometric mean of perturbed probabilities / p(para);
-    arith: arithmetic mean instead; para_share: p(para) / (p(para) + geomean p(pert)) (a share, not a ratio)."""
+    arith: arithmetic mean instead; para_share: p(para) / (p(para) + geomean p(pert)) (a share, not a ratio).
+    eps > 0 is added to the denominator (open-unlearning's 1e-10)."""
     para = np.asarray(para_nll, dtype=np.float64)
     pert = np.asarray(perturb_nll, dtype=np.float64)
+    if variant not in TRUTH_RATIO_VARIANTS:
+        raise ValueError(f"unknown truth-ratio variant {variant!r}; choose one of {', '.join(TRUTH_RATIO_VARIANTS)}")
+    if eps:
+        wrong = prob(pert).mean(-1) if variant == "arith" else np.exp(-pert.mean(-1))
+        return prob(para) / (prob(para) + wrong + eps) if variant == "para_share" else wrong / (prob(para) + eps)
     if variant == "tofu":  # geomean of exp(-nll_j) = exp(-mean_j nll_j): stay in log space
         return np.exp(para - pert.mean(-1))
     if variant == "arith":
         return prob(pert).mean(-1) / prob(para)
-    if variant == "para_share":
-        return 1.0 / (1.0 + np.exp(para - pert.mean(-1)))
-    raise ValueError(f"unknown truth-ratio variant {variant!r}; choose one of {', '.join(TRUTH_RATIO_VARIANTS)}")
+    return 1.0 / (1.0 + np.exp(para - pert.mean(-1)))
 
 
-def truth_ratio_score(r, forget: bool, variant: str = "tofu") -> float:
-    """Split-level aggregate: forget → mean min(R, 1/R) (closer to 1 = indistinguishable);
+def truth_ratio_score(r, forget: bool, variant: str = "tofu", eps: float = 0.0) -> float:
+    """Split-level aggregate: forget → mean min(R, 1/(R + eps)) (closer to 1 = indistinguishable);
     other sets → mean max(0, 1 - R) (higher = prefers the truth). para_share: its plain mean on every set."""
     r = np.asarray(r, dtype=np.float64)
     if variant == "para_share":
         return float(r.mean())
     if forget:
-        return float(np.minimum(r, 1.0 / r).mean())
+        return float(np.minimum(r, 1.0 / (r + eps)).mean())
     return float(np.maximum(0.0, 1.0 - r).mean())
 
 
@@ -125,10 +130,10 @@ def mia_mink(logp, k: float = MINK_K) -> float:
     return -_lowest_k_mean(logp, k)
 
 
-def mia_minkpp(logp, mu, var, k: float = MINK_K) -> float:
+def mia_minkpp(logp, mu, var, k: float = MINK_K, var_floor: float = 1e-12) -> float:
     """Min-K%++ (Zhang et al., 2024): token log-prob z-scored by the mean/variance of log p under the model's own
-    next-token distribution; minus the mean of the k·L lowest z."""
-    z = (np.asarray(logp) - np.asarray(mu)) / np.sqrt(np.maximum(np.asarray(var), 1e-12))
+    next-token distribution; minus the mean of the k·L lowest z. Variances are clamped to at least var_floor."""
+    z = (np.asarray(logp) - np.asarray(mu)) / np.sqrt(np.maximum(np.asarray(var), var_floor))
     return -_lowest_k_mean(z, k)
 
 
@@ -141,9 +146,18 @@ def auc(forget_scores, holdout_scores) -> float:
     return float(roc_auc_score(labels, -np.r_[f, h]))
 
 
-def privleak(auc_model: float, auc_retain: float) -> float:
-    """MUSE's PrivLeak in percent; > 0: forget set still distinguishable as members (under-unlearning)."""
-    return (auc_model - auc_retain) / auc_retain * 100.0
+PRIVLEAK_KINDS = ("muse", "one-minus-auc")
+
+
+def privleak(auc_model: float, auc_retain: float, kind: str = "muse", eps: float = 0.0) -> float:
+    """PrivLeak in percent. muse: (AUC - AUC_retain) / AUC_retain, > 0: forget set still distinguishable as members
+    (under-unlearning). one-minus-auc: open-unlearning's, the same formula on 1 - AUC (its privacy.py), with eps in
+    the denominator: ((1 - AUC) - (1 - AUC_retain)) / (1 - AUC_retain + eps), so its sign is the opposite."""
+    if kind == "one-minus-auc":
+        return ((1.0 - auc_model) - (1.0 - auc_retain)) / (1.0 - auc_retain + eps) * 100.0
+    if kind != "muse":
+        raise ValueError(f"unknown PrivLeak kind {kind!r}; choose one of {', '.join(PRIVLEAK_KINDS)}")
+    return (auc_model - auc_retain) / (auc_retain + eps) * 100.0
 
 
 # ---- ROUGE -------------------------------------------------------------------------------------------------------

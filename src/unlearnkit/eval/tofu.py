@@ -3,14 +3,16 @@ sequences of all sets, plus one pooled batched greedy generation. Per-sample val
 EVAL.json doubles as a TOFU-style log (eval aggregate / forget-quality reference)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..data import tofu as tofu_data
-from ..data.format import PromptFormat, encode_prompt, encode_qa, prompt_text
+from ..data.format import PromptFormat
 from ..errors import UserError
 from ..files import write_json_atomic
 from . import metrics as M
-from .aggregate import SETS, load_log, match_reference, summarize
+from .aggregate import SETS, check_same_conventions, load_log, match_reference, summarize
+from .conventions import UNLEARNKIT, Conventions, conventions, resolve_es_convention
 from .generate import greedy_generate
 from .limits import at_least, check_generation, check_sequences, context_length
 from .logprobs import sequence_stats
@@ -62,12 +64,12 @@ def task_sets(data, holdout: list[dict] | None = None, only_sets: tuple[str, ...
     return task, sets
 
 
-def _encode(tokenizer, sets, fmt, generate: bool):
+def _encode(tokenizer, sets, fmt, generate: bool, conv: Conventions = UNLEARNKIT):
     """Token ids of every teacher-forced sequence and of every generation prompt (the one tokenisation)."""
     seqs = list(eval_sequences(sets))
-    examples = [encode_qa(tokenizer, q, a, fmt) for _, _, _, q, a in seqs]
+    examples = [conv.encode_qa(tokenizer, q, a, fmt) for _, _, _, q, a in seqs]
     gen_rows = [(name, i) for name in SETS if name in sets for i in range(len(sets[name]))] if generate else []
-    gen_ids = [encode_prompt(tokenizer, sets[n][i]["question"], fmt) for n, i in gen_rows]
+    gen_ids = [conv.encode_prompt(tokenizer, sets[n][i]["question"], fmt) for n, i in gen_rows]
     return seqs, examples, gen_rows, gen_ids
 
 
@@ -86,10 +88,12 @@ def _check_encoded(sets, seqs, examples, gen_rows, gen_ids, *, max_length, max_n
 
 
 def check_lengths(tokenizer, sets: dict, fmt: PromptFormat = PromptFormat(), *, max_length: int | None = None,
-                  max_new_tokens: int | None = None, context: int | None = None) -> None:
+                  max_new_tokens: int | None = None, context: int | None = None, compat=None) -> None:
     """Before loading weights: every question + answer fits max_length and the context, and (when generating,
-    max_new_tokens given) every prompt + max_new_tokens fits the context. One-line error naming set and row."""
-    seqs, examples, gen_rows, gen_ids = _encode(tokenizer, sets, fmt, max_new_tokens is not None)
+    max_new_tokens given) every prompt + max_new_tokens fits the context. One-line error naming set and row.
+    compat: the conventions the sequences are rendered with (conventions.py)."""
+    seqs, examples, gen_rows, gen_ids = _encode(tokenizer, sets, fmt, max_new_tokens is not None,
+                                                conventions(compat))
     _check_encoded(sets, seqs, examples, gen_rows, gen_ids, max_length=max_length, max_new_tokens=max_new_tokens or 0,
                    context=context)
 
@@ -105,24 +109,31 @@ def _load_reference(retain_reference):
 
 
 def check_options(*, batch_size, max_new_tokens=None, max_length=None, truth_ratio="tofu",
-                  es_convention="unlearnkit") -> None:
-    """Ranges and choices of evaluate_tofu's options (also run by the CLI before loading anything)."""
+                  es_convention=None, compat=None) -> tuple[Conventions, str]:
+    """Ranges and choices of evaluate_tofu's options (also run by the CLI before loading anything).
+    Returns the conventions and the ES convention to use (es_convention None: the conventions' own)."""
     at_least(batch_size, 1, "batch_size")
     at_least(max_new_tokens, 1, "max_new_tokens", none_ok=True)
     at_least(max_length, 2, "max_length", none_ok=True)
     if truth_ratio not in M.TRUTH_RATIO_VARIANTS:
         raise UserError(f"--truth-ratio: unknown value {truth_ratio!r}; choose one of "
                         f"{', '.join(M.TRUTH_RATIO_VARIANTS)}")
-    if es_convention not in M.ES_CONVENTIONS:
+    if es_convention is not None and es_convention not in M.ES_CONVENTIONS:
         raise UserError(f"--es-convention: unknown value {es_convention!r}; choose one of "
                         f"{', '.join(M.ES_CONVENTIONS)}")
+    conv = conventions(compat)
+    if conv.pinned and truth_ratio != "tofu":
+        raise UserError(f"--truth-ratio {truth_ratio} conflicts with --compat {conv.name}, whose headline truth "
+                        "ratio is the tofu one (every variant is reported anyway)")
+    return conv, resolve_es_convention(conv, es_convention)
 
 
 def evaluate_tofu(model, tokenizer, data, *, guard=None, retain_reference=None, batch_size: int = 32,
                   progress: bool = True, fmt: PromptFormat = PromptFormat(), max_new_tokens: int = 200,
                   max_length: int | None = None, holdout: list[dict] | None = None, truth_ratio: str = "tofu",
-                  es_convention: str = "unlearnkit", generate: bool = True,
-                  only_sets: tuple[str, ...] | None = None) -> dict:
+                  es_convention: str | None = None, generate: bool = True,
+                  only_sets: tuple[str, ...] | None = None, compat: str | Conventions | None = None,
+                  timings: dict | None = None) -> dict:
     """Evaluate one model on a TOFU split. Returns the EVAL dict (per-sample values + "summary").
 
     data: a TofuTask or a split name. retain_reference: the retain model's EVAL dict or a path to its EVAL.json /
@@ -130,59 +141,74 @@ def evaluate_tofu(model, tokenizer, data, *, guard=None, retain_reference=None, 
     task's holdout (mini has one). generate=False skips generation (ROUGE becomes null). max_length: longest
     question + answer allowed (None: the model's context only); a longer one, or a prompt + max_new_tokens beyond
     the model's context, is an error naming set and row. es_convention: "unlearnkit" (a missed last token gives
-    ES 0) or "open-unlearning" (1/L there), see metrics.extraction_strength.
+    ES 0) or "open-unlearning" (1/L there), see metrics.extraction_strength; None: the one of `compat`.
+    compat: "unlearnkit" (default) or "open-unlearning" — render, label, attend, decode and aggregate as
+    open-unlearning's TOFU evaluation does (conventions.py; recorded in settings.compat). timings: a dict that
+    receives teacher_forced_seconds and generation_seconds.
     """
     from tqdm.auto import tqdm
 
-    check_options(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
-                  truth_ratio=truth_ratio, es_convention=es_convention)
+    conv, es_convention = check_options(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
+                                        truth_ratio=truth_ratio, es_convention=es_convention, compat=compat)
     task, sets = task_sets(data, holdout, only_sets)
     ref = _load_reference(retain_reference)
+    if ref is not None:
+        check_same_conventions(conv.name, ref)
     if ref is not None and "forget" in sets:  # a reference of another forget set fails now, not after the work
         rows = sets["forget"]
         match_reference({"split": task.split, "sets": {"forget": {
             "avg_gt_loss": [0.0] * len(rows), "question": [r["question"] for r in rows],
             "answer": [r["answer"] for r in rows]}}}, ref)
 
-    seqs, examples, gen_rows, gen_ids = _encode(tokenizer, sets, fmt, generate)
+    seqs, examples, gen_rows, gen_ids = _encode(tokenizer, sets, fmt, generate, conv)
     _check_encoded(sets, seqs, examples, gen_rows, gen_ids, max_length=max_length, max_new_tokens=max_new_tokens,
                    context=context_length(getattr(model, "config", None)))
-    prompts = [prompt_text(tokenizer, q, fmt) for _, _, _, q, _ in seqs]
+    prompts = [conv.prompt_text(tokenizer, q, fmt) for _, _, _, q, _ in seqs]
     want = [role == "gt" and name in ("forget", "holdout") for name, _, role, _, _ in seqs]
+    hidden = conv.hidden_token(tokenizer)
     bar = tqdm(total=len(seqs) + len(gen_rows), desc=f"eval tofu {task.split}", disable=not progress)
+    clock = _Clock(model, timings)
     stats = sequence_stats(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                           want_dist=want, prompts=prompts, guard=guard, progress=bar)
+                           want_dist=want, prompts=prompts, guard=guard, progress=bar, hidden_token=hidden)
+    clock.lap("teacher_forced_seconds")
     gens = []
     if generate:
-        gen_prompts = [prompt_text(tokenizer, sets[n][i]["question"], fmt) for n, i in gen_rows]
+        gen_prompts = [conv.prompt_text(tokenizer, sets[n][i]["question"], fmt) for n, i in gen_rows]
         gens = greedy_generate(model, tokenizer, gen_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               prompts=gen_prompts, guard=guard, progress=bar)
+                               prompts=gen_prompts, guard=guard, progress=bar, hidden_token=hidden,
+                               decode=lambda ids: conv.decode(tokenizer, ids))
+    clock.lap("generation_seconds")
     bar.close()
 
     cols = {name: _columns(name, rows) for name, rows in sets.items()}
-    for (name, i, role, _, answer), st in zip(seqs, stats):
+    gt_example = {}
+    for (name, i, role, _, answer), st, ex in zip(seqs, stats, examples):
         c = cols[name]
         if role == "gt":
+            gt_example[name, i] = ex
             c["avg_gt_loss"][i] = st.nll
             c["num_token_gt"][i] = len(st.logp)
+            logp, match = conv.scored(st.logp), conv.scored(st.match)  # the tokens ES, EM and Min-K% look at
             if name != "holdout":
-                c["es"][i] = M.extraction_strength(st.match, es_convention)
-                c["em"][i] = M.exact_memorisation(st.match)
+                c["es"][i] = M.extraction_strength(match, es_convention)
+                c["em"][i] = M.exact_memorisation(match)
                 if name in ("real_authors", "world_facts"):
                     c["avg_paraphrased_loss"][i] = st.nll
             if st.mu is not None:
                 c["mia_loss"][i] = M.mia_loss(st.logp)
-                c["mia_zlib"][i] = M.mia_zlib(st.logp, answer)
-                c["mia_mink"][i] = M.mia_mink(st.logp)
-                c["mia_minkpp"][i] = M.mia_minkpp(st.logp, st.mu, st.var)
+                c["mia_zlib"][i] = M.mia_zlib(st.logp, conv.zlib_text(tokenizer, answer, ex))
+                c["mia_mink"][i] = M.mia_mink(logp)
+                c["mia_minkpp"][i] = M.mia_minkpp(logp, conv.scored(st.mu), conv.scored(st.var),
+                                                  var_floor=conv.minkpp_var_floor)
         elif role == "para":
             c["avg_paraphrased_loss"][i] = st.nll
         else:
             c["average_perturb_loss"][i][role[1]] = st.nll
-    for (name, i), text in zip(gen_rows, gens):
+    for (name, i), ids, text in zip(gen_rows, gen_ids, gens):
         c = cols[name]
         c["generated_text"][i] = text
-        for k, v in M.rouge(c["answer"][i], text).items():
+        gold = conv.gold_text(tokenizer, c["answer"][i], gt_example[name, i], ids)
+        for k, v in M.rouge(gold, text).items():
             c[k][i] = v
     if not generate:
         for name in (n for n in SETS if n in cols):
@@ -193,11 +219,30 @@ def evaluate_tofu(model, tokenizer, data, *, guard=None, retain_reference=None, 
           "prompt_format": {"kind": fmt.kind, "system_prompt": fmt.system_prompt},
           "settings": {"max_new_tokens": max_new_tokens if generate else None, "max_length": max_length,
                        "batch_size": batch_size, "guard": guard is not None, "mink_k": M.MINK_K,
-                       "truth_ratio": truth_ratio, "es_convention": es_convention},
+                       "truth_ratio": truth_ratio, "es_convention": es_convention, "compat": conv.name},
           "sets": cols}
     ev["summary"] = summarize(ev, ref, truth_ratio)  # without generation: ROUGE and utility null, with reason
     ev.pop("source")
     return ev
+
+
+class _Clock:
+    """Wall time between laps into `timings` (nothing when None); waits for the GPU so a lap holds its own work."""
+
+    def __init__(self, model, timings: dict | None):
+        import torch
+
+        self.timings = timings
+        cuda = timings is not None and next(model.parameters()).device.type == "cuda"
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.t = time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        if self.timings is not None:
+            self.sync()
+            now = time.perf_counter()
+            self.timings[key] = now - self.t
+            self.t = now
 
 
 def limit_task(task, n: int | None):
