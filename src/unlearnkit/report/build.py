@@ -89,7 +89,8 @@ def _versions(v) -> str:
 def facts(item: Item) -> dict:
     own = item.kind.facts(item)
     m = item.marker
-    return {"command": own.get("command") or m.get("command"), "versions": own.get("versions") or m.get("versions"),
+    # The marker's command is the one the CLI parsed (run.json's is the process's argv: a launcher's, under pytest)
+    return {"command": m.get("command") or own.get("command"), "versions": m.get("versions") or own.get("versions"),
             "seed": own.get("seed"), "seconds": own.get("seconds") if own.get("seconds") is not None
             else m.get("seconds"), "written": m.get("written")}
 

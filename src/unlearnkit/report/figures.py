@@ -9,7 +9,7 @@ import numpy as np
 
 from ..plots import PALETTE, REFERENCE_STYLE, line_style, pyplot, save
 
-SET_PREFIXES = (("forget", "forget"), ("retain", "retain"), ("ra", "real authors"), ("wf", "world facts"))
+SET_PREFIXES = (("forget", "forget"), ("retain", "retain"), ("ra", "real\nauthors"), ("wf", "world\nfacts"))
 SET_PANELS = (("prob", "probability", "p(a|q); real authors / world facts:\nnormalised over the answer options"),
               ("rougeL_recall", "ROUGE-L recall", "of the greedy answer against the gold answer"),
               ("truth_ratio", "truth ratio score", "forget: mean min(R, 1/R); others: mean max(0, 1−R)"))
@@ -56,14 +56,14 @@ def fq_mu_figure(models, sweeps, path, title: str = ""):
             style = REFERENCE_STYLE[m.role]
             what = f"{m.name} ({m.role} model)" if m.name != m.role else f"{m.role} model"
             if fq is not None and mu is not None:
-                ax.scatter(mu, fq, marker="*" if m.role == "retain" else "X", s=140, color=style["color"], zorder=5,
-                           label=what)
+                ax.scatter(mu, fq, marker="*" if m.role == "retain" else "X", s=140, color=style["color"], zorder=3,
+                           alpha=0.8, label=what)
             elif fq is not None:
                 ax.axhline(fq, **style, label=f"{what}: forget quality (utility not evaluated)")
             elif mu is not None:
                 ax.axvline(mu, **style, label=f"{what}: model utility (no forget quality)")
         elif fq is not None and mu is not None:
-            ax.scatter(mu, fq, marker=MARKERS[m.colour % len(MARKERS)], s=46, color=colour(m), zorder=4,
+            ax.scatter(mu, fq, marker=MARKERS[m.colour % len(MARKERS)], s=46, color=colour(m), zorder=5,
                        edgecolor="white", linewidth=0.5, label=m.name)
     for i, (label, rows, front) in enumerate(sweeps):
         c = PALETTE[(len(PALETTE) - 1 - i) % len(PALETTE)]  # from the palette's end: apart from the models' colours
@@ -78,7 +78,7 @@ def fq_mu_figure(models, sweeps, path, title: str = ""):
         ax.plot(*zip(*line), color=c, marker="o", markersize=4, linewidth=1.4, zorder=3,
                 label=f"sweep {label}: Pareto frontier")
     ax.set_yscale("log")
-    ax.set_xlabel("model utility (harmonic mean of 9 retain / real-author / world-fact scores; higher is better)")
+    ax.set_xlabel("model utility (higher is better)")
     ax.set_ylabel("forget quality (KS p-value, log; higher is better)")
     low, high = ax.get_ylim()
     ax.set_ylim(min(low, 0.5), max(high, 1.6))
@@ -97,6 +97,7 @@ def truth_ratios(cols: dict, variant: str = "tofu") -> np.ndarray:
 def truth_ratio_figure(pairs, path, variant: str = "tofu"):
     """One panel per model: the histogram of its forget-set truth ratios R against the retain model's (grey), on a
     log axis, with the two-sample KS statistic D and its p-value (= forget quality)."""
+    from matplotlib.ticker import FuncFormatter
     from scipy.stats import ks_2samp
 
     plt = pyplot()
@@ -109,11 +110,16 @@ def truth_ratio_figure(pairs, path, variant: str = "tofu"):
         both = both[both > 0]
         lo, hi = np.log10(both.min()), np.log10(both.max())
         bins = np.logspace(lo - 0.05, hi + 0.05, 21) if hi > lo else np.logspace(lo - 0.5, hi + 0.5, 11)
-        ax.hist(ref, bins=bins, color="#bbbbbb", alpha=0.8, label=f"{ref_name} (retain model)")
+        ax.hist(ref, bins=bins, color="#bbbbbb", alpha=0.8,
+                label="retain model" if ref_name == "retain" else f"{ref_name} (retain model)")
         ax.hist(r, bins=bins, histtype="step", linewidth=1.8, color=colour(m),
                 linestyle="--" if m.role == "target" else "-", label=m.name)
         ks = ks_2samp(r, ref)
         ax.set_xscale("log")
+        if hi - lo < 1:  # less than a decade: label the minor ticks too, else the axis shows one number
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+            ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_title(m.name, fontsize=9)
         ax.text(0.02, 0.97, f"KS D = {ks.statistic:.2f}\np = {ks.pvalue:.3g} (forget quality)", va="top",
                 transform=ax.transAxes, fontsize=7.5, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
@@ -146,7 +152,7 @@ def set_bars_figure(models, path):
         ax.set_xticklabels([name for _, name in SET_PREFIXES])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(label)
-        ax.set_title(note, fontsize=7.5)
+        ax.set_title(note, fontsize=8)
         ax.grid(axis="x", visible=False)
     _legend_outside(axes[-1])
     return save(fig, path)
@@ -161,7 +167,10 @@ def training_figure(steps: list[dict], path, title: str = ""):
     terms = [k for k in steps[0] if k not in LOSS_SKIP and finite(steps[0][k])]
     for i, k in enumerate(terms):
         axes[0].plot(x, [s.get(k) for s in steps], color=PALETTE[i % len(PALETTE)], linewidth=1.0, label=k)
-    axes[0].set_ylabel("loss (per batch)")
+    values = [v for s in steps for k, v in s.items() if (k == "loss" or k in terms) and finite(v)]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        axes[0].set_yscale("log")  # e.g. RMU: forget MSE in the hundreds, retain MSE near 0
+    axes[0].set_ylabel("loss (per batch)" + (", log" if axes[0].get_yscale() == "log" else ""))
     if any(finite(s.get("grad_norm")) for s in steps):
         axes[1].plot(x, [s.get("grad_norm") for s in steps], color=PALETTE[0], linewidth=1.2)
         axes[1].set_ylabel("gradient norm (before clipping)")

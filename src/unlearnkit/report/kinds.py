@@ -28,7 +28,7 @@ def unlearn_blocks(run: dict, ctx, references=()) -> list:
     steps = run.get("steps") or []
     mem = run.get("peak_memory_bytes")
     blocks = [Para(f"Method {run.get('method')}: {run.get('total_steps')} optimizer steps on {run.get('n_forget')} "
-                   f"forget and {run.get('n_retain')} retain examples; {fmt(run.get('n_trained_parameters'))} "
+                   f"forget and {run.get('n_retain')} retain examples; {run.get('n_trained_parameters') or 0:,} "
                    f"parameters trained; training {seconds(run.get('train_seconds'))} "
                    f"({fmt(run.get('seconds_per_step'), 3)} s per step)"
                    + (f"; peak memory {mem / 2**30:.2f} GiB." if mem else ".")),
@@ -288,7 +288,8 @@ def _markov_section(item: Item, ctx) -> list:
                        "retain-only model (docs/analyses.md).",
                        lambda p: plot(doc, p)),
             Table(["variant / method", "KL retain", "KL forget1", "KL forget2"], rows, "After the last step"),
-            Para(f"Claim: {claim.get('statement', '—')} Holds everywhere: {claim.get('holds_everywhere')}.")]
+            Para(f"Claim: {claim.get('statement', '—').rstrip('.')}. Holds in every variant and forget set: "
+                 f"{'yes' if claim.get('holds_everywhere') else 'no'}.")]
 
 
 def _confidence_section(item: Item, ctx) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +85,8 @@ pre{background:#f5f5f5;padding:8px 10px;overflow-x:auto;font-size:.85em;white-sp
 .tablewrap{overflow-x:auto;margin:10px 0}
 table{border-collapse:collapse;font-size:.86em}
 th,td{border:1px solid #d0d0d0;padding:3px 8px;text-align:right;vertical-align:top}
-th{background:#f0f0f0}td.name,th.name{text-align:left;white-space:nowrap}
-td.text{text-align:left}
+th{background:#f0f0f0}.name,.short{text-align:left;white-space:nowrap}
+.text{text-align:left;min-width:18em}
 caption{caption-side:top;text-align:left;font-size:.9em;color:#444;padding:2px 0 6px}
 figure{margin:18px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.9em;color:#333;margin-top:4px}
@@ -93,26 +94,34 @@ code{font-size:.9em}
 """
 
 
-def _text(s) -> str:
-    """Escaped text; '://' written as an entity so no text reads like a resource reference (it renders the same)."""
-    return html.escape(str(s)).replace("://", ":&#47;&#47;")
+def _text(s, code: bool = True) -> str:
+    """Escaped text; '://' written as an entity so no text reads like a resource reference (it renders the same);
+    `backticks` become code, as in the Markdown."""
+    out = html.escape(str(s)).replace("://", ":&#47;&#47;")
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out) if code else out
 
 
 def _table_html(t: Table) -> str:
     out = ['<div class="tablewrap"><table>']
     if t.caption:
         out.append(f"<caption>{_text(t.caption)}</caption>")
-    out.append("<tr>" + "".join(f'<th class="{"name" if i == 0 else ""}">{_text(h)}</th>'
-                                for i, h in enumerate(t.header)) + "</tr>")
+    classes = [_cell_class(t, i) for i in range(len(t.header))]
+    out.append("<tr>" + "".join(f'<th class="{c}">{_text(h)}</th>' for c, h in zip(classes, t.header)) + "</tr>")
     for row in t.rows:
-        cells = []
-        for i, v in enumerate(row):
-            cls = "name" if i == 0 and t.first_column_header else "" if isinstance(v, (int, float)) or v is None \
-                else "text"
-            cells.append(f'<td class="{cls}">{_text(fmt(v))}</td>')
-        out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append("<tr>" + "".join(f'<td class="{c}">{_text(fmt(v), code=False)}</td>' for c, v in zip(classes, row))
+                   + "</tr>")
     out.append("</table></div>")
     return "\n".join(out)
+
+
+def _cell_class(t: Table, i: int) -> str:
+    """Numbers right-aligned; names left and unbroken; long text (commands) left and wrapped."""
+    if i == 0 and t.first_column_header:
+        return "name"
+    values = [row[i] for row in t.rows if i < len(row) and row[i] is not None]
+    if all(isinstance(v, (int, float)) for v in values):
+        return ""
+    return "text" if any(len(str(v)) > 40 for v in values) else "short"
 
 
 def _block_html(b, folder: Path) -> str:
