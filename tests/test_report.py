@@ -264,8 +264,9 @@ def test_a_parent_folder_is_searched_and_a_report_inside_is_skipped(runs, tmp_pa
     assert main(["report", str(parent), "--out", str(tmp_path / "r2")]) == 0
     html = (tmp_path / "r2" / "report.html").read_text()
     assert html.count('<section id="item-') == 3 and "old-report" not in html
-    for label in ("nested/eco", "nested/aggregate", "nested/relearn"):
-        assert f"{parent}/{label}" in html
+    assert f"from 3 folders in {(parent / 'nested').resolve()}" in html  # named below the folder they share
+    for title in ("ECO artifact: eco", "Aggregated evaluation: aggregate", "Relearning attack: relearn"):
+        assert f"{title}</h2>" in html
 
 
 def test_bad_input_is_refused_before_anything_is_written(runs, tmp_path, capsys):

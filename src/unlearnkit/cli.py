@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unlearnkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        provenance.stop()  # later API calls in this process are not this command
     return int(result or 0)
 
 

@@ -121,7 +121,7 @@ def run(args) -> int:
         _log("writing the report")
         # Read from the work folder, named as the run folder it becomes; published with it.
         write_report(find([work], labels=[str(out)]), _new_dir(work / "report"), title=f"unlearnkit demo: "
-                     f"{args.method} on mini TOFU")
+                     f"{args.method} on mini TOFU", labelled=True)
         publish_dir(work, out, "demo")  # re-checks --out: a folder that changed meanwhile is never deleted
     finally:
         shutil.rmtree(work, ignore_errors=True)  # our fresh temporary folder; gone already once published

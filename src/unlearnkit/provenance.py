@@ -17,6 +17,10 @@ def start(argv: list[str]) -> None:
     _STATE.update(command="unlearnkit " + shlex.join(argv), t0=time.perf_counter())
 
 
+def stop() -> None:
+    _STATE.clear()
+
+
 def versions() -> dict:
     """Python and package versions from the installed metadata (no heavy import: the report needs no torch)."""
     from importlib.metadata import PackageNotFoundError, version

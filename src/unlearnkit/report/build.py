@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .collect import Item, ModelResult
+from .collect import Item, ModelResult, common_folder
 from .render import Figure, Note, Para, Section, Table, seconds, to_html, to_markdown
 
 ROLES = ("retain", "target")
@@ -123,7 +123,9 @@ def results_section(models: list[ModelResult]) -> Section:
                                         "aggregate`, sweep or demo folder), so there is no results table.")],
                        "results")
     keys = [k for k in TABLE_KEYS if any(k in m.summary for m in models)]
-    rows = [["role"] + [m.role for m in models], ["folder"] + [m.source for m in models]]
+    rows = [["role"] + [m.role for m in models]]
+    if any(m.name != m.source for m in models):
+        rows.append(["folder"] + [m.source for m in models])
     rows += [[k] + [m.summary.get(k) for m in models] for k in keys]
     blocks = [Para("Headline numbers (SUMMARY.json) of every evaluated model; ra = real authors, wf = world facts, "
                    "es / em = extraction strength / exact memorisation, privleak = MUSE's PrivLeak (Min-K% Prob, "
@@ -198,8 +200,7 @@ def truth_ratio_section(ctx: Context, models: list[ModelResult]) -> Section:
             left.append(f"{m.name}: the retain reference does not match ({e})")
             continue
         variant = (ev.get("settings") or {}).get("truth_ratio") or "tofu"
-        pairs.append((m, truth_ratios(ev["sets"]["forget"], variant), truth_ratios(rv["sets"]["forget"], variant),
-                      ref.name))
+        pairs.append((m, truth_ratios(ev["sets"]["forget"], variant), truth_ratios(rv["sets"]["forget"], variant)))
     blocks = [Para("Forget quality is the p-value of a two-sample Kolmogorov–Smirnov test between a model's truth "
                    "ratios on the forget QA and the retain model's. R = mean probability of the perturbed (wrong) "
                    "answers / probability of the paraphrased answer; a model that never learned the forget authors "
@@ -220,15 +221,18 @@ def truth_ratio_section(ctx: Context, models: list[ModelResult]) -> Section:
 def set_bars_section(ctx: Context, models: list[ModelResult]) -> Section:
     from .figures import SET_PANELS, SET_PREFIXES, finite, set_bars_figure
 
-    keys = [f"{p}_{k}" for p, _ in SET_PREFIXES for k, _, _ in SET_PANELS]
+    keys = [f"{p}_{k}" for p, _ in SET_PREFIXES for k, _ in SET_PANELS]
     shown = [m for m in models if any(finite(m.summary.get(k)) for k in keys)]
     if not shown:
         return Section("Per-set metrics", [Note("No model has per-set probabilities, ROUGE-L or truth ratios.")],
                        "per-set")
     blocks = [ctx.figure("per-set-metrics", "Probability, ROUGE-L and truth ratio per evaluation set",
-                         "Forget: lower means more forgotten; the other sets: higher means more kept. The retain "
-                         "model and the target hatched grey; n/a = not computed (e.g. no generation, or a set not "
-                         "evaluated).", lambda p: set_bars_figure(shown, p))]
+                         "Forget: lower means more forgotten; the other sets: higher means more kept. Probability: "
+                         "p(a|q) on forget / retain, normalised over the answer options on real authors / world "
+                         "facts; ROUGE-L recall of the greedy answer against the gold one; truth ratio score: mean "
+                         "min(R, 1/R) on forget, mean max(0, 1 − R) elsewhere. The retain model and the target "
+                         "hatched grey; n/a = not computed (e.g. no generation, or a set not evaluated).",
+                         lambda p: set_bars_figure(shown, p))]
     return Section("Per-set metrics", blocks, "per-set")
 
 
@@ -283,16 +287,20 @@ def build(items: list[Item], folder: Path, extra_models=()) -> tuple[list[Sectio
     return sections, ctx
 
 
-def write_report(items: list[Item], folder, *, title: str | None = None, retain_log=None, target_log=None) -> Path:
-    """Write report.html, report.md and the figures into `folder` (an existing, empty folder); returns the HTML."""
+def write_report(items: list[Item], folder, *, title: str | None = None, retain_log=None, target_log=None,
+                 labelled: bool = False) -> Path:
+    """Write report.html, report.md and the figures into `folder` (an existing, empty folder); returns the HTML.
+    labelled: the items carry names given by the caller (not paths below a common folder)."""
     from .. import __version__
 
     folder = Path(folder)
     extra = [reference_model(p, role) for p, role in ((retain_log, "retain"), (target_log, "target")) if p]
     sections, ctx = build(items, folder, extra)
     title = title or "unlearnkit report"
+    base = common_folder(items)
+    where = (f" in {base}" if base else f": {items[0].path.resolve()}") if items and not labelled else ""
     meta = [f"Generated {time.strftime('%Y-%m-%d %H:%M')} by unlearnkit {__version__} from {len(items)} folder"
-            f"{'s' if len(items) != 1 else ''}; {ctx.n} figure{'s' if ctx.n != 1 else ''}."]
+            f"{'s' if len(items) != 1 else ''}{where}; {ctx.n} figure{'s' if ctx.n != 1 else ''}."]
     (folder / "report.html").write_text(to_html(title, meta, sections, folder), encoding="utf-8")
     (folder / "report.md").write_text(to_markdown(title, meta, sections), encoding="utf-8")
     return folder / "report.html"

@@ -7,6 +7,7 @@ here reads JSON only: it runs before any output is written."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -130,4 +131,23 @@ def find(paths, labels=None) -> list[Item]:
         if key in seen:
             raise UserError(f"RUN_DIR {item.label}: given twice")
         seen.add(key)
+    if not labels:
+        short_labels(items)
     return items
+
+
+def common_folder(items: list[Item]) -> Path | None:
+    """The folder every item is in (None for a single item: it is named by its own name)."""
+    if len(items) < 2:
+        return None
+    paths = [i.path.resolve() for i in items]
+    base = Path(os.path.commonpath(paths))
+    return base.parent if base in paths else base
+
+
+def short_labels(items: list[Item]) -> None:
+    """Name each item by its path below the folder they all share (the report says which), so names stay short
+    in legends and tables."""
+    base = common_folder(items)
+    for item in items:
+        item.label = item.path.name if base is None else str(item.path.resolve().relative_to(base))

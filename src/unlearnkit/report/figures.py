@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from ..plots import PALETTE, REFERENCE_STYLE, line_style, pyplot, save
 
 SET_PREFIXES = (("forget", "forget"), ("retain", "retain"), ("ra", "real\nauthors"), ("wf", "world\nfacts"))
-SET_PANELS = (("prob", "probability", "p(a|q); real authors / world facts:\nnormalised over the answer options"),
-              ("rougeL_recall", "ROUGE-L recall", "of the greedy answer against the gold answer"),
-              ("truth_ratio", "truth ratio score", "forget: mean min(R, 1/R); others: mean max(0, 1−R)"))
+SET_PANELS = (("prob", "probability p(a|q)"), ("rougeL_recall", "ROUGE-L recall"),
+              ("truth_ratio", "truth ratio score"))
 MIA_ATTACKS = (("loss", "loss"), ("zlib", "zlib"), ("mink", "Min-K% Prob"), ("minkpp", "Min-K%++"))
 EVAL_LABELS = {"forget_prob": ("forget p(a|q)", "linear"), "forget_truth_ratio": ("forget truth ratio score", "linear"),
                "forget_quality": ("forget quality (KS p-value, log)", "log"),
@@ -105,24 +105,21 @@ def truth_ratio_figure(pairs, path, variant: str = "tofu"):
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.9 * rows), squeeze=False)
-    for ax, (m, r, ref, ref_name) in zip(axes.flat, pairs):
+    for ax, (m, r, ref) in zip(axes.flat, pairs):
         both = np.concatenate([r, ref])
         both = both[both > 0]
         lo, hi = np.log10(both.min()), np.log10(both.max())
         bins = np.logspace(lo - 0.05, hi + 0.05, 21) if hi > lo else np.logspace(lo - 0.5, hi + 0.5, 11)
-        ax.hist(ref, bins=bins, color="#bbbbbb", alpha=0.8,
-                label="retain model" if ref_name == "retain" else f"{ref_name} (retain model)")
+        ax.hist(ref, bins=bins, color="#bbbbbb", alpha=0.8, label="retain model")
         ax.hist(r, bins=bins, histtype="step", linewidth=1.8, color=colour(m),
-                linestyle="--" if m.role == "target" else "-", label=m.name)
+                linestyle="--" if m.role == "target" else "-", label="target" if m.role == "target" else "this model")
         ks = ks_2samp(r, ref)
         ax.set_xscale("log")
         if hi - lo < 1:  # less than a decade: label the minor ticks too, else the axis shows one number
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
             ax.tick_params(axis="x", which="minor", labelsize=7)
-        ax.set_title(m.name, fontsize=9)
-        ax.text(0.02, 0.97, f"KS D = {ks.statistic:.2f}\np = {ks.pvalue:.3g} (forget quality)", va="top",
-                transform=ax.transAxes, fontsize=7.5, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+        ax.set_title(f"{m.name}\nKS D = {ks.statistic:.2f}, p = forget quality = {ks.pvalue:.3g}", fontsize=8.5)
         ax.set_xlabel(f"truth ratio R on forget QA (log; {variant})")
         ax.set_ylabel("questions")
         ax.legend(loc="upper right", fontsize=7)
@@ -137,7 +134,7 @@ def set_bars_figure(models, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, len(SET_PANELS), figsize=(4.3 * len(SET_PANELS), 3.7))
     width = 0.8 / len(models)
-    for ax, (key, label, note) in zip(axes, SET_PANELS):
+    for ax, (key, label) in zip(axes, SET_PANELS):
         for j, m in enumerate(models):
             xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(SET_PREFIXES))]
             kw = (dict(color="#bbbbbb" if m.role == "retain" else "#777777",
@@ -152,7 +149,7 @@ def set_bars_figure(models, path):
         ax.set_xticklabels([name for _, name in SET_PREFIXES])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(label)
-        ax.set_title(note, fontsize=8)
+        ax.set_title(label, fontsize=9)
         ax.grid(axis="x", visible=False)
     _legend_outside(axes[-1])
     return save(fig, path)
@@ -178,6 +175,7 @@ def training_figure(steps: list[dict], path, title: str = ""):
         axes[1].text(0.5, 0.5, "no gradient norm logged", ha="center", va="center", transform=axes[1].transAxes)
     for ax in axes:
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(loc="best", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -202,6 +200,7 @@ def in_training_figure(points: list[tuple], keys: list[str], path, references=()
         if kept is not None:
             ax.axvline(kept, color="#000000", linestyle=":", linewidth=1.0, label=f"kept step {kept}")
         ax.set_yscale(scale)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step (0 = before unlearning)")
         ax.set_ylabel(label)
         ax.legend(loc="best", fontsize=7)

@@ -27,8 +27,9 @@ def unlearn_blocks(run: dict, ctx, references=()) -> list:
     cfg = run.get("config") or {}
     steps = run.get("steps") or []
     mem = run.get("peak_memory_bytes")
+    retain = f" and {run['n_retain']} retain" if run.get("n_retain") else ""
     blocks = [Para(f"Method {run.get('method')}: {run.get('total_steps')} optimizer steps on {run.get('n_forget')} "
-                   f"forget and {run.get('n_retain')} retain examples; {run.get('n_trained_parameters') or 0:,} "
+                   f"forget{retain} examples; {run.get('n_trained_parameters') or 0:,} "
                    f"parameters trained; training {seconds(run.get('train_seconds'))} "
                    f"({fmt(run.get('seconds_per_step'), 3)} s per step)"
                    + (f"; peak memory {mem / 2**30:.2f} GiB." if mem else ".")),

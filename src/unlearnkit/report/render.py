@@ -86,7 +86,7 @@ pre{background:#f5f5f5;padding:8px 10px;overflow-x:auto;font-size:.85em;white-sp
 table{border-collapse:collapse;font-size:.86em}
 th,td{border:1px solid #d0d0d0;padding:3px 8px;text-align:right;vertical-align:top}
 th{background:#f0f0f0}.name,.short{text-align:left;white-space:nowrap}
-.text{text-align:left;min-width:18em}
+.text{text-align:left;min-width:14em;overflow-wrap:anywhere}
 caption{caption-side:top;text-align:left;font-size:.9em;color:#444;padding:2px 0 6px}
 figure{margin:18px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.9em;color:#333;margin-top:4px}
