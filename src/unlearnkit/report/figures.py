@@ -165,9 +165,12 @@ def training_figure(steps: list[dict], path, title: str = ""):
     for i, k in enumerate(terms):
         axes[0].plot(x, [s.get(k) for s in steps], color=PALETTE[i % len(PALETTE)], linewidth=1.0, label=k)
     values = [v for s in steps for k, v in s.items() if (k == "loss" or k in terms) and finite(v)]
-    if values and min(values) > 0 and max(values) / min(values) > 100:
-        axes[0].set_yscale("log")  # e.g. RMU: forget MSE in the hundreds, retain MSE near 0
-    axes[0].set_ylabel("loss (per batch)" + (", log" if axes[0].get_yscale() == "log" else ""))
+    positive = [v for v in values if v > 0]
+    log = bool(positive) and min(values) >= 0 and max(positive) / min(positive) > 100
+    if log:  # e.g. RMU: forget MSE in the hundreds, retain MSE near 0 (and exactly 0 at the first step)
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("loss (per batch" + (", log; zeros not drawn)" if log and 0 in values else
+                                            ", log)" if log else ")"))
     if any(finite(s.get("grad_norm")) for s in steps):
         axes[1].plot(x, [s.get("grad_norm") for s in steps], color=PALETTE[0], linewidth=1.2)
         axes[1].set_ylabel("gradient norm (before clipping)")

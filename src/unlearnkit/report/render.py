@@ -176,7 +176,8 @@ def _block_md(b) -> str:
     if isinstance(b, Table):
         lines = [f"*{b.caption}*", ""] if b.caption else []
         lines.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
-        lines.append("|" + "|".join(":---" if i == 0 else "---:" for i in range(len(b.header))) + "|")
+        lines.append("|" + "|".join("---:" if _cell_class(b, i) == "" else ":---" for i in range(len(b.header)))
+                     + "|")
         lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in b.rows]
         return "\n".join(lines)
     if isinstance(b, Figure):
