@@ -8,7 +8,7 @@ import math
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from ..plots import PALETTE, REFERENCE_STYLE, line_style, pyplot, save
+from ..plots import PALETTE, REFERENCE_STYLE, bar_style, line_style, pyplot, save
 
 SET_PREFIXES = (("forget", "forget"), ("retain", "retain"), ("ra", "real\nauthors"), ("wf", "world\nfacts"))
 SET_PANELS = (("prob", "probability p(a|q)"), ("rougeL_recall", "ROUGE-L recall"),
@@ -137,9 +137,8 @@ def set_bars_figure(models, path):
     for ax, (key, label) in zip(axes, SET_PANELS):
         for j, m in enumerate(models):
             xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(SET_PREFIXES))]
-            kw = (dict(color="#bbbbbb" if m.role == "retain" else "#777777",
-                       hatch="//" if m.role == "retain" else "..", edgecolor="white")
-                  if m.role in REFERENCE_STYLE else dict(color=colour(m)))
+            kw = dict(bar_style(m.role, m.colour), edgecolor="white") if m.role in REFERENCE_STYLE else dict(
+                color=colour(m))
             values = [m.summary.get(f"{p}_{key}") for p, _ in SET_PREFIXES]
             ax.bar(xs, [v if finite(v) else 0.0 for v in values], width, label=m.name, **kw)
             for x, v in zip(xs, values):
