@@ -293,6 +293,28 @@ def test_bad_input_is_refused_before_anything_is_written(runs, tmp_path, capsys)
     assert not out.exists() and sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
 
 
+def test_layer_analysis_is_reported(tmp_path):
+    """`analyze layers` output (LAYERS.json, its own figure function), where that analysis is installed."""
+    pytest.importorskip("unlearnkit.analysis.layers")
+    out = tmp_path / "layers"
+    out.mkdir()
+    score = lambda p, fq: {"forget_prob": p, "forget_truth_ratio": 0.6, "forget_quality": fq, "retain_prob": 0.8}
+    (out / "LAYERS.json").write_text(json.dumps({
+        "split": "mini", "methods": ["rmu"], "layers": [1, 2], "fixed": {}, "generate": False, "limit": None,
+        "norms": {"hidden_state": "h_l", "tokens": 10, "per_layer": [{"layer": 1, "mean_token_norm": 3.0},
+                                                                     {"layer": 2, "mean_token_norm": 5.0}]},
+        "target": score(0.9, 0.01), "runs": {"rmu": [
+            {"layer": 1, **score(0.3, 0.2), "report": {}, "steps": 2, "train_seconds": 1.0,
+             "trained_parameters": [], "config": {}},
+            {"layer": 2, "error": "non-finite loss at step 1"}]},
+        "command": "unlearnkit analyze layers --layers 1,2", "options": {}, "versions": {"python": "3"}}))
+    report = tmp_path / "report"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    html = (report / "report.html").read_text()
+    assert any("layers-layers" in f for f in figures_of(report)) and "rmu at layer 2: non-finite loss" in html
+    assert "unlearnkit analyze layers --layers 1,2" in html
+
+
 def test_report_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", "--help"])

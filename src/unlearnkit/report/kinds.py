@@ -337,6 +337,37 @@ def _alignment_section(item: Item, ctx) -> list:
             Table(["c", "c / ‖h‖", "cos(h, u)", "‖h‖", "forget p(a|q)", "forget quality"], rows)]
 
 
+def _layers_section(item: Item, ctx) -> list:
+    from ..analysis.layers import layers_figure  # analyze layers' own figure
+
+    doc = item.doc
+    norms = {n["layer"]: n["mean_token_norm"] for n in (doc.get("norms") or {}).get("per_layer") or []}
+    t = doc.get("target") or {}
+    rows = [["target (before)", "—", None, t.get("forget_prob"), t.get("forget_truth_ratio"), t.get("forget_quality"),
+             t.get("retain_prob"), None]]
+    failed = []
+    for method, runs in (doc.get("runs") or {}).items():
+        for r in runs:
+            if "error" in r:
+                failed.append(f"{method} at layer {r['layer']}: {r['error']}")
+                continue
+            rows.append([method, r["layer"], norms.get(r["layer"]), r.get("forget_prob"), r.get("forget_truth_ratio"),
+                         r.get("forget_quality"), r.get("retain_prob"), r.get("train_seconds")])
+    blocks = [Para(f"One unlearning run per method and layer on {doc.get('split')}: "
+                   f"{', '.join(doc.get('methods') or [])} at layers {doc.get('layers')}"
+                   + (f", fixed {doc.get('fixed')}" if doc.get("fixed") else "") + "; each scored against the "
+                   "retain model, beside the frozen target's mean activation norm per layer."),
+              ctx.figure("layers", f"Unlearning per layer — {item.label}",
+                         "Forget p(a|q), forget quality (log) and retain p(a|q) against the layer trained, one line per "
+                         "method, the target (before unlearning) as the reference line; the target's mean ‖h_l‖ on "
+                         "forget tokens.", lambda p: layers_figure(doc, p)),
+              Table(["method", "layer", "‖h_l‖", "forget p(a|q)", "truth ratio", "forget quality", "retain p(a|q)",
+                     "train s"], rows, "Per method and layer (LAYERS.json)")]
+    if failed:
+        blocks.append(Note("Runs that diverged (not drawn): " + "; ".join(failed) + "."))
+    return blocks
+
+
 # ---- ECO ---------------------------------------------------------------------------------------------------------
 
 def _eco_section(item: Item, ctx) -> list:
@@ -379,6 +410,9 @@ KINDS: list[Kind] = [
          facts=_analysis_facts, section=_difficulty_section),
     Kind("alignment", "Alignment analysis", "ALIGNMENT.json", accept=lambda f, d: "points" in d,
          facts=_analysis_facts, section=_alignment_section),
+    Kind("layers", "Layer analysis", "LAYERS.json", accept=lambda f, d: "runs" in d and "norms" in d,
+         facts=lambda item: {"command": item.doc.get("command"), "versions": item.doc.get("versions"),
+                             "seed": (item.doc.get("fixed") or {}).get("seed")}, section=_layers_section),
     Kind("unlearn", "Unlearn run", "run.json", accept=lambda f, d: "method" in d and "steps" in d,
          facts=lambda item: _unlearn_facts(item.doc), section=_unlearn_section),
     Kind("eval", "Evaluation", "EVAL.json", accept=lambda f, d: "sets" in d, models=_eval_models,
