@@ -1,5 +1,6 @@
 """`unlearnkit demo` end to end on the tiny model: prepare → evaluate → SimNPO → evaluate → run folder."""
 import json
+import re
 
 import pytest
 
@@ -21,7 +22,18 @@ def test_demo_runs_the_whole_story_on_a_tiny_model(tiny_model_dir, tmp_path, mon
     run = json.loads((out / "unlearned" / "run.json").read_text())
     assert run["method"] == "simnpo" and run["total_steps"] == 10
     assert sorted(p.name for p in out.parent.iterdir()) == ["cache", "run"]  # no half-written folder left
-    assert json.loads((out / ".unlearnkit.json").read_text())["kind"] == "demo"  # ours: a rerun may replace it
+    marker = json.loads((out / ".unlearnkit.json").read_text())
+    assert marker["kind"] == "demo" and "report" in marker["files"]  # ours: a rerun may replace it
+    # It ends with its report: the real outputs of a real command, rendered (formats cannot drift apart).
+    html = out / "report" / "report.html"
+    assert f"report: {html}" in printed
+    text = html.read_text()
+    assert not re.search(r"https?:", text, re.I) and "<script" not in text
+    figures = sorted(p.name for p in (out / "report").glob("fig*.png"))
+    for stem in ("forget-quality-vs-utility", "truth-ratios", "per-set-metrics", "mia-roc", "training"):
+        assert any(stem in f for f in figures), (stem, figures)
+    assert text.count('<img src="data:image/png;base64,') == len(figures)
+    assert all(f"]({f})" in (out / "report" / "report.md").read_text() for f in figures)
 
 
 @pytest.mark.parametrize("setup", ["user_folder", "foreign_file_in_old_run", "model_folder"])

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_commands as add_serve_commands
     from .attacks.cli import add_commands as add_attack_commands
     from .analysis.cli import add_commands as add_analysis_commands
+    from .report.cli import add_commands as add_report_commands
 
     parser = _Parser(prog="unlearnkit", description="LLM unlearning: unlearn, evaluate, attack, "
                                      "report. Run `unlearnkit demo` for the whole TOFU story on the default model.")
@@ -37,12 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_attack_commands(sub)
     sweep_cli.add_commands(sub)
     add_analysis_commands(sub)
+    add_report_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import provenance
+
+    provenance.start(sys.argv[1:] if argv is None else list(argv))
     try:
         result = args.func(args)
     except UserError as e:
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unlearnkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        provenance.stop()  # later API calls in this process are not this command
     return int(result or 0)
 
 

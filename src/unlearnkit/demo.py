@@ -4,7 +4,8 @@
 2. evaluate the retain and target models — cached next to them;
 3. unlearn the forget authors from the target with SimNPO;
 4. evaluate the unlearned model against the retain model (forget quality, model utility, ROUGE, MIA);
-5. write the run folder and print the summary table.
+5. write the run folder and its report (report/report.html, report.md), print the summary table and the
+   report's path.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def run(args) -> int:
     from .files import publish_dir, temp_dir_beside
     from .models import load_model, save_model
     from .prepare import prepare_tofu
+    from .report import find, write_report
     from .unlearning import unlearn
 
     t0 = time.perf_counter()
@@ -116,10 +118,20 @@ def run(args) -> int:
                    "summaries": {name: result["summary"] for name, result in evals.items()}}
         (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
         (work / "summary.txt").write_text(table + "\n", encoding="utf-8")
+        _log("writing the report")
+        # Read from the work folder, named as the run folder it becomes; published with it.
+        write_report(find([work], labels=[str(out)]), _new_dir(work / "report"), title=f"unlearnkit demo: "
+                     f"{args.method} on mini TOFU", labelled=True)
         publish_dir(work, out, "demo")  # re-checks --out: a folder that changed meanwhile is never deleted
     finally:
         shutil.rmtree(work, ignore_errors=True)  # our fresh temporary folder; gone already once published
     print(table)
     print(f"\nrun folder: {out}  (unlearned model: {out / 'unlearned'}; per-sample values: {out}/eval/*/EVAL.json)")
     print(f"total time: {time.perf_counter() - t0:.0f} s")
+    print(f"report: {out / 'report' / 'report.html'}  (Markdown beside it: report.md)")
     return 0
+
+
+def _new_dir(path: Path) -> Path:
+    path.mkdir()
+    return path

@@ -24,7 +24,8 @@ from typing import Iterable
 
 from .errors import UserError
 
-MARKER = ".unlearnkit.json"  # {"kind": ..., "files": [top-level names written], "written": time}
+MARKER = ".unlearnkit.json"  # {"kind", "files": [top-level names written], "written": time, "versions", and from
+# the CLI "command" and "seconds" (provenance.py)}
 # Names a command may leave in its folder while it works (besides what its marker lists): the resume checkpoint and
 # the live TensorBoard events (train/live_log.py), which the published folder then carries.
 WORK_NAMES = {"unlearn": {"checkpoint", "tb"}, "prepare": {"checkpoint", "tb"}}
@@ -126,7 +127,9 @@ def publish_dir(tmp, out, kind: str) -> Path:
     if out.is_symlink():
         out = out.resolve()  # replace the folder it points to, never move the user's link away
     files = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
-    write_text_atomic(tmp / MARKER, json.dumps({"kind": kind, "files": files, "written": time.time()}))
+    from .provenance import record  # command, versions, wall time: what `unlearnkit report` shows per run
+
+    write_text_atomic(tmp / MARKER, json.dumps({"kind": kind, "files": files, "written": time.time(), **record()}))
     if out.exists():
         check_out_dir(out, kind)
         # A fresh name (not one derived from the pid): a leftover from a killed run must not block the rename.

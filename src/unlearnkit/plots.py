@@ -27,6 +27,16 @@ def line_style(name: str, role: str, i: int) -> dict:
     return dict(color=PALETTE[i % len(PALETTE)], linestyle="-", marker="o", markersize=3, label=name)
 
 
+def bar_style(role: str, i: int) -> dict:
+    """Colour (and hatch) of a bar: the retain model light grey hatched //, the target dark grey dotted, others the
+    palette in order."""
+    if role == "retain":
+        return dict(color="#bbbbbb", hatch="//")
+    if role == "target":
+        return dict(color="#777777", hatch="..")
+    return dict(color=PALETTE[i % len(PALETTE)])
+
+
 def save(fig, path) -> Path:
     path = Path(path)
     fig.tight_layout()

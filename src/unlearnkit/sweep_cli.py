@@ -99,7 +99,7 @@ def run(args) -> int:
 
     def write(tmp: Path) -> None:
         for p in points:
-            write_eval(tmp / "points" / _folder(p.name), done[p.name])
+            write_eval(tmp / "points" / point_folder(p.name), done[p.name])
         write_json_atomic(tmp / "SWEEP.json", doc)
         frontier_figure(rows, front, tmp / "FRONTIER.png", reference=reference.get("summary"),
                         target=doc["target"], title=f"{args.method} on {args.split}: forget quality vs utility")
@@ -118,7 +118,8 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
-def _folder(name: str) -> str:
+def point_folder(name: str) -> str:
+    """The folder of a point under OUT/points/ (its name, with unsafe characters replaced)."""
     import re
 
     return re.sub(r"[^A-Za-z0-9._=,-]+", "_", name)

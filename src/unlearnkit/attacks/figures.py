@@ -2,7 +2,7 @@
 forget p(a|q) per attack and subject."""
 from __future__ import annotations
 
-from ..plots import PALETTE, line_style, pyplot, save
+from ..plots import bar_style, line_style, pyplot, save
 
 CURVE_PANELS = (("forget_prob", "held-out forget p(a|q)", "linear"),
                 ("forget_truth_ratio", "held-out forget truth ratio", "linear"),
@@ -47,11 +47,8 @@ def jailbreak_figure(summary: dict, roles: dict, path, title: str = ""):
     models = 0
     for j, name in enumerate(names):
         role = roles.get(name, "model")
-        if role in ("retain", "target"):
-            kw = dict(color="#bbbbbb" if role == "retain" else "#777777", hatch="//" if role == "retain" else "..")
-        else:
-            kw = dict(color=PALETTE[models % len(PALETTE)])
-            models += 1
+        kw = bar_style(role, models)
+        models += role not in ("retain", "target")
         values = [summary[name].get(a, {}).get("forget_prob") or 0.0 for a in attacks]
         ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(attacks))], values, width, label=name,
                **kw)
