@@ -240,3 +240,33 @@ def test_jailbreak_cli_gcg_per_question_and_universal(tmp_path, tiny_model_dir, 
     tok = load_tokenizer(str(tiny_model_dir))
     target = gcg_targets(tok, [(ROWS[row]["question"], ROWS[row]["answer"])])[0]
     assert samples["gcg"]["attacked_prompt"][0] == tok.decode(target.prompt_ids(detail["suffix_ids"]))
+
+
+def test_an_interrupted_attack_run_reuses_its_finished_subjects(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    out = tmp_path / "jb"
+    argv = ["attack", "jailbreak", "--model", f"a={tiny_model_dir}", "--model", f"b={tiny_model_dir}", "--controls",
+            "none", "--attacks", "prefill", "--limit", "2", "--max-new-tokens", "2", "--quiet", "--out", str(out)]
+    real, calls = J.attack_model, []
+
+    def dies_on_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(J, "attack_model", dies_on_the_second)
+    assert main(argv) == 130 and not out.exists()
+    capsys.readouterr()
+    partial = tmp_path / ".jb.partial"
+    assert len(list(partial.glob("*.json"))) == 2  # settings + subject a
+    # Other settings: refused before any work, the partial results kept.
+    err = cli_error(argv[:-2] + ["--k", "2", "--out", str(out)], capsys)
+    assert "partial results of a different run" in err and "k: 3 → 2" in err and partial.exists()
+    calls.clear()
+    monkeypatch.setattr(J, "attack_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(argv) == 0
+    assert len(calls) == 1 and "a: reusing its result" in capsys.readouterr().out  # only b was attacked
+    assert not partial.exists()
+    doc = json.loads((out / "ATTACK.json").read_text())
+    assert doc["summary"]["a"] == doc["summary"]["b"]  # same weights: the reused result equals the fresh one
+    assert doc["summary"]["a"]["prefill"]["n"] == 2

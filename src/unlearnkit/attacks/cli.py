@@ -173,6 +173,21 @@ def _reference(log, rows):
     return reference_rows(log, rows) if log is not None else None
 
 
+def _cache(out: Path, args, attack: str, settings: dict):
+    """Finished subjects of an earlier, unfinished run with these settings are reused (attacks/partial.py)."""
+    from .partial import SubjectCache, input_stamp
+
+    return SubjectCache(out, {"attack": attack, "split": args.split, "limit": args.limit, "seed": args.seed,
+                              "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "device": args.device,
+                              "retain_log": input_stamp(args.retain_log), **settings})
+
+
+def _ident(subject) -> dict:
+    from .partial import input_stamp
+
+    return {**subject.describe(), "model_files": input_stamp(subject.model), "eco_files": input_stamp(subject.eco)}
+
+
 def _load(args, subject):
     from .subjects import load
 
@@ -199,21 +214,33 @@ def run_relearn(args) -> int:
                         batch_size=args.batch_size, eval_every=args.eval_every, lora_r=args.lora_r, seed=args.seed,
                         max_new_tokens=args.max_new_tokens)
     out, subjects, controls, log, rows, fmt = _check(args, KIND["relearn"])
+    cache = _cache(out, args, "relearn", {**vars_of(cfg), "prompt_format": vars(fmt)})
     subjects = _prepared(args, subjects, fmt)
     results, samples, summary = {}, {}, {}
     taught = held = None
     for s in subjects:
-        t0 = time.perf_counter()
-        model, tokenizer, guard = _load(args, s)
+        ident = _ident(s)
+        saved = cache.get(s.name, ident)
+        if saved is None:
+            t0 = time.perf_counter()
+            model, tokenizer, guard = _load(args, s)
+            if taught is None:
+                taught, held = split_forget(rows, cfg, tokenizer, fmt)
+                reference = _reference(log, held)
+            print(f"[attack relearn] {s.name}: relearning {len(taught)} forget QA, {len(held)} held out", flush=True)
+            res = relearn_curve(model, tokenizer, taught, held, cfg, reference=reference, guard=guard, fmt=fmt,
+                                progress=not args.quiet, split=args.split)
+            saved = {"samples": res.pop("samples"), "result": {**s.describe(), **res,
+                                                                "seconds": time.perf_counter() - t0},
+                     "taught": taught, "held": held}
+            cache.put(s.name, ident, saved)
+            del model, guard
+        else:
+            print(f"[attack relearn] {s.name}: reusing its result from {cache.dir}", flush=True)
         if taught is None:
-            taught, held = split_forget(rows, cfg, tokenizer, fmt)
+            taught, held = saved["taught"], saved["held"]
             reference = _reference(log, held)
-        print(f"[attack relearn] {s.name}: relearning {len(taught)} forget QA, {len(held)} held out", flush=True)
-        res = relearn_curve(model, tokenizer, taught, held, cfg, reference=reference, guard=guard, fmt=fmt,
-                            progress=not args.quiet, split=args.split)
-        samples[s.name] = res.pop("samples")
-        results[s.name] = {**s.describe(), **res, "seconds": time.perf_counter() - t0}
-        del model, guard
+        samples[s.name], results[s.name] = saved["samples"], saved["result"]
     if log is None and "retain" in samples:
         # No retain log: the retain control before relearning is the same reference, measured here.
         from .score import summarize_forget
@@ -241,6 +268,7 @@ def run_relearn(args) -> int:
                        f"({cfg.relearn_set}), {len(held)} held out — {args.split}")
 
     write_folder(out, KIND["relearn"], write)
+    cache.done()
     print(_table(summary, ("forget_prob", "forget_truth_ratio", "forget_quality", "forget_rougeL_recall",
                            "relearned_prob"), lambda per: [c for c in per]))
     print(f"wrote {out / 'ATTACK.json'}, {out / 'SAMPLES.json'} and {out / 'RELEARN.png'}")
@@ -280,18 +308,30 @@ def run_jailbreak(args) -> int:
         if args.gcg_n > len(rows):
             raise UserError(f"--gcg-n {args.gcg_n}: the forget set has {len(rows)} rows")
         plan = gcg_plan(len(rows), args.gcg_n, args.gcg_universal_n, args.seed)
+    cache = _cache(out, args, "jailbreak", {
+        "attacks": attacks, "k": args.k, "prefill_tokens": args.prefill_tokens, "batch_size": args.batch_size,
+        "prompt_format": vars(fmt), "gcg": vars_of(gcg_cfg) if gcg_cfg else None,
+        "gcg_plan": vars_of(plan) if plan else None})
     subjects = _prepared(args, subjects, fmt)
     results, samples = {}, {}
     for s in subjects:
-        t0 = time.perf_counter()
-        model, tokenizer, guard = _load(args, s)
-        ctx = AttackContext(tokenizer, fmt, rows, k=args.k, prefill_tokens=args.prefill_tokens, seed=args.seed)
-        print(f"[attack jailbreak] {s.name}: {', '.join(attacks)}", flush=True)
-        res = attack_model(model, tokenizer, rows, attacks, ctx, guard=guard, gcg_config=gcg_cfg, plan=plan,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.quiet)
-        samples[s.name] = {a: r.pop("cols") | {"rows": r["rows"]} for a, r in res.items()}
-        results[s.name] = {**s.describe(), "attacks": res, "seconds": time.perf_counter() - t0}
-        del model, guard
+        ident = _ident(s)
+        saved = cache.get(s.name, ident)
+        if saved is None:
+            t0 = time.perf_counter()
+            model, tokenizer, guard = _load(args, s)
+            ctx = AttackContext(tokenizer, fmt, rows, k=args.k, prefill_tokens=args.prefill_tokens, seed=args.seed)
+            print(f"[attack jailbreak] {s.name}: {', '.join(attacks)}", flush=True)
+            res = attack_model(model, tokenizer, rows, attacks, ctx, guard=guard, gcg_config=gcg_cfg, plan=plan,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                               progress=not args.quiet)
+            saved = {"samples": {a: r.pop("cols") | {"rows": r["rows"]} for a, r in res.items()},
+                     "result": {**s.describe(), "attacks": res, "seconds": time.perf_counter() - t0}}
+            cache.put(s.name, ident, saved)
+            del model, guard
+        else:
+            print(f"[attack jailbreak] {s.name}: reusing its result from {cache.dir}", flush=True)
+        samples[s.name], results[s.name] = saved["samples"], saved["result"]
     # Forget quality under an attack: against the retain model under the same attack when it ran (the attack's
     # own effect cancels), else against the retain log's clean values, else null.
     summary = {}
@@ -328,6 +368,7 @@ def run_jailbreak(args) -> int:
                          title=f"Forget p(a|q) under attack — {args.split}")
 
     write_folder(out, KIND["jailbreak"], write)
+    cache.done()
     print(_table(summary, ("forget_prob", "forget_truth_ratio", "forget_quality", "forget_rougeL_recall",
                            "flag_rate"), lambda per: list(per)))
     print(f"wrote {out / 'ATTACK.json'}, {out / 'SAMPLES.json'} and {out / 'JAILBREAK.png'}")
