@@ -51,16 +51,25 @@ def assert_same(sharded: dict, single: dict):
         torch.testing.assert_close(sharded[n], value, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_two_sharded_processes_equal_one_process(fsdp_runs, tiny_model_dir):
+@pytest.fixture(scope="module")
+def single_runs(tiny_model_dir):
+    """Each run of fsdp_worker.RUNS in one unsharded process with the same global batch: name -> (info, weights)."""
+    out = {}
+    for name, (method, config) in fsdp_worker.RUNS.items():
+        info = one_process(tiny_model_dir, method, config)
+        out[name] = (info, weights(info.pop("model")))
+    return out
+
+
+def test_two_sharded_processes_equal_one_process(fsdp_runs, single_runs, tiny_model_dir):
     from unlearnkit.models import load_model
 
     original = weights(load_model(str(tiny_model_dir), device="cpu", with_tokenizer=False))
-    for name, (method, config) in fsdp_worker.RUNS.items():
+    for name in fsdp_worker.RUNS:
         meta = json.loads((fsdp_runs / f"{name}.json").read_text())
         assert meta["world_size"] == 2 and meta["sharded"] is True, name
-        single = one_process(tiny_model_dir, method, config)
+        single, ref = single_runs[name]
         assert single["sharded"] is False and meta["n_trained_parameters"] == single["n_trained_parameters"]
-        ref = weights(single["model"])
         assert any(not torch.equal(ref[n], original[n]) for n in ref), name  # the runs do change the model
         assert_same(torch.load(fsdp_runs / f"{name}.pt"), ref)
 
@@ -71,26 +80,25 @@ def test_kill_and_resume_under_fsdp_is_exact(fsdp_runs):
         assert torch.equal(resumed[n], value), n
 
 
-def test_two_rank_checkpoint_resumes_in_one_process(fsdp_runs, tiny_model_dir, tmp_path):
+def test_two_rank_checkpoint_resumes_in_one_process(fsdp_runs, single_runs, tiny_model_dir, tmp_path):
     import shutil
+
+    from unlearnkit.models import load_model
 
     ckpt = fsdp_runs / "run-2to1" / "checkpoint"
     assert (ckpt / "state.pt").is_file() and [p.name for p in ckpt.glob("shards-*")] == ["shards-1"]
+    # another global batch (1 process, grad_accum 1) is another run: refused, naming it, nothing changed
     run_dir = tmp_path / "run"
     shutil.copytree(fsdp_runs / "run-2to1", run_dir)
-    cfg = {"checkpoint_every": 1}
-    resumed = one_process(tiny_model_dir, "graddiff", cfg, out_dir=run_dir)
-    assert [s["step"] for s in resumed["steps"]] == [1, 2, 3] and resumed["world_size"] == 1
-    assert_same(weights(resumed["model"]), weights(one_process(tiny_model_dir, "graddiff", cfg)["model"]))
-    # another global batch is another run: refused, naming it
-    shutil.rmtree(run_dir)
-    shutil.copytree(fsdp_runs / "run-2to1", run_dir)
-    from unlearnkit.models import load_model
-
     model, tok = load_model(str(tiny_model_dir), device="cpu")
     with pytest.raises(UserError, match="micro_batches_per_step: 2 → 1"):
-        unlearn(model, tok, "graddiff", fsdp_worker.FORGET, fsdp_worker.RETAIN,
-                {**fsdp_worker.BASE, **cfg, "fsdp": False}, out_dir=run_dir, progress=False)
+        unlearn(model, tok, "npo", fsdp_worker.FORGET, fsdp_worker.RETAIN,
+                {**fsdp_worker.BASE, "checkpoint_every": 1, "fsdp": False}, out_dir=run_dir, progress=False)
+    # the same global batch (grad_accum 2): resumes at step 2 and ends where the uninterrupted run ends
+    resumed = one_process(tiny_model_dir, "npo", {"checkpoint_every": 1}, out_dir=run_dir)
+    assert [s["step"] for s in resumed["steps"]] == [1, 2, 3] and resumed["world_size"] == 1
+    assert_same(weights(resumed["model"]), single_runs["npo"][1])
+    assert not (run_dir / "checkpoint").exists() and (run_dir / "model.safetensors").is_file()
 
 
 def test_fsdp_options_are_checked_before_any_work(make_tiny_model, tokenizer):

@@ -198,11 +198,13 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     saved in and restored from the checkpoint (e.g. train/monitor.py's best step). `on_start(total_steps)` runs
     once the checkpoint (if any) is loaded, before the first step.
     """
-    from .sharding import compute_device, is_sharded
+    from .sharding import compute_device, is_sharded, reshard
 
     seed_everything(cfg.seed)
     device = compute_device(model)
     sharded = is_sharded(model)
+    if sharded:
+        reshard(model)  # a forward in the method's setup left the root gathered
     rank, world = dist_info()
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -216,7 +218,7 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir else None
     run_identity = {**default_fingerprint(cfg, world), **_jsonable(fingerprint or {}),
-                    "trained_parameters": _param_names(model, params)}
+                    "trained_parameters": sorted(_param_names(model, params))}  # FSDP reorders them
     log = {"config": _jsonable(asdict(cfg)), "total_steps": total_steps, "world_size": world, "steps": []}
     step = 0
     if ckpt_dir and (ckpt_dir / STATE_FILE).is_file():

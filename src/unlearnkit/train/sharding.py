@@ -112,6 +112,16 @@ def shard(model, compute_device: torch.device, bf16: bool = False, offload: bool
     return model
 
 
+def reshard(model) -> None:
+    """Free every gathered unit (the root keeps its parameters gathered after a forward), so that
+    `named_parameters()` yields the sharded parameters again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def compute_device(model) -> torch.device:
     """Where the model computes (under CPU offload its parameters live on the CPU)."""
     state = _STATES.get(model)
@@ -141,9 +151,7 @@ def frozen_copy(module):
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     root, state = _state_of(module)
-    for unit in root.modules():  # the root keeps its parameters gathered after a forward: shards again
-        if isinstance(unit, FSDPModule):
-            unit.reshard()
+    reshard(root)
     name = state.names[id(module)]
     out = copy.deepcopy(state.template.get_submodule(name) if name else state.template)
     src_modules = dict(module.named_modules())
