@@ -255,10 +255,12 @@ def _check_fsdp_world() -> None:
 
 
 def _maybe_init_distributed():
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU)."""
+    """Under torchrun / accelerate launch: join the process group (gloo on CPU, nccl on GPU). One process joins too
+    when it is launched that way (--fsdp --offload on one GPU needs the group)."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if launched and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
