@@ -27,6 +27,7 @@ RUNS = {
     "rmu": ("rmu", {"layer": 2}),
     "npo_kl_checkpointing": ("npo", {"retain_loss": "kl", "activation_checkpointing": True}),
     "simnpo_lora": ("simnpo", {"lora_r": 4}),
+    "graddiff_offload": ("graddiff", {"offload": True}),
 }
 
 

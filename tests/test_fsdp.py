@@ -41,7 +41,7 @@ def one_process(model_dir, method, config, **kw):
     from unlearnkit.models import load_model
 
     model, tok = load_model(str(model_dir), device="cpu")
-    config = {**fsdp_worker.BASE, **config, "fsdp": False, "grad_accum": 2}
+    config = {**fsdp_worker.BASE, **config, "fsdp": False, "offload": False, "grad_accum": 2}
     return unlearn(model, tok, method, fsdp_worker.FORGET, fsdp_worker.RETAIN, config, progress=False, **kw)
 
 
@@ -112,3 +112,14 @@ def test_fsdp_options_are_checked_before_any_work(make_tiny_model, tokenizer):
             unlearn(m, tokenizer, "simnpo", fsdp_worker.FORGET, fsdp_worker.RETAIN, config, progress=False)
     assert all(torch.equal(before[n], v) for n, v in weights(m).items())
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_cli_scale_out_flags_are_checked_before_any_work(tiny_model_dir, tmp_path, capsys):
+    from helpers import cli_error
+
+    out = tmp_path / "never"
+    base = ["unlearn", "--method", "npo", "--model", str(tiny_model_dir), "--split", "mini", "--out", str(out)]
+    assert "--fsdp: needs a process group" in cli_error(base + ["--fsdp"], capsys)
+    assert "--offload: needs --fsdp" in cli_error(base + ["--offload"], capsys)
+    assert "--steps, --batch-size: must be >= 1" in cli_error(["bench", "fsdp", "--steps", "0"], capsys)
+    assert not out.exists()

@@ -254,13 +254,17 @@ def _check_fsdp_world() -> None:
                         "launch); one process trains unsharded without --fsdp")
 
 
+def launched() -> bool:
+    """Started by torchrun / accelerate launch (the variables a process group is created from)?"""
+    return all(k in os.environ for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE"))
+
+
 def _maybe_init_distributed():
     """Under torchrun / accelerate launch: join the process group (gloo on CPU, nccl on GPU). One process joins too
     when it is launched that way (--fsdp --offload on one GPU needs the group)."""
     import torch.distributed as dist
 
-    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if launched and dist.is_available() and not dist.is_initialized():
+    if launched() and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
