@@ -51,6 +51,7 @@ PRESETS = {
     "smollm2-135m": _shape("SmolLM2-135M", 49152, 576, 1536, 30, 9, 3, True),
     "llama-3.2-1b": _shape("Llama-3.2-1B", 128256, 2048, 8192, 16, 32, 8, True, 64),
     "llama-2-7b": _shape("Llama-2-7b", 32000, 4096, 11008, 32, 32, 32, False),
+    "mistral-7b": _shape("Mistral-7B / Zephyr-7B", 32000, 4096, 14336, 32, 32, 8, False),
     "llama-2-70b": _shape("Llama-2-70b", 32000, 8192, 28672, 80, 64, 8, False),
 }
 FULL = ("ga", "graddiff", "npo", "simnpo")
@@ -178,10 +179,17 @@ def plan(s: Shape, method: str, gpus: int = 1, *, lora_r: int = 0, rmu_layer: in
             "tokens_per_step": tokens}
 
 
+def _fits(p: dict, memory_gib: float) -> str:
+    ok = "yes" if p["peak_bytes_per_gpu"] <= memory_gib * GIB else "no"
+    if p["offload"]:  # the shards live in host memory: a node with all the GPUs needs their sum
+        ok += f", host {p['host_bytes_per_gpu'] * p['gpus'] / GIB:.0f} GiB"
+    return ok
+
+
 def table(s: Shape, methods, gpus_list, memory_gib: float, **kw) -> list[str]:
     """Markdown rows: method, GPUs, options, bytes/param, GiB per GPU (state, working, activations, total), fits."""
     rows = ["| method | GPUs | AC | offload | B/param | state GiB/GPU | working | activations | peak GiB/GPU | "
-            f"fits {memory_gib:g} GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+            f"fits {memory_gib:g} GiB GPU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method, lora_r in methods:
         for gpus in gpus_list:
             for ckpt, off in ((False, False), (True, False), (True, True)):
@@ -192,7 +200,7 @@ def table(s: Shape, methods, gpus_list, memory_gib: float, **kw) -> list[str]:
                             f"{p['persistent_bytes_per_gpu'] / GIB:.2f}"
                             f"{' (host)' if off else ''} | {p['working_bytes'] / GIB:.2f} | "
                             f"{p['activation_bytes'] / GIB:.2f} | {p['peak_bytes_per_gpu'] / GIB:.1f} | "
-                            f"{'yes' if p['peak_bytes_per_gpu'] <= memory_gib * GIB else 'no'} |")
+                            f"{_fits(p, memory_gib)} |")
     return rows
 
 
@@ -209,6 +217,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--kl", action="store_true", help="retain term KL to a frozen reference (retain_loss: kl)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16: GPU mixed precision; fp32")
+    p.add_argument("--frozen-dtype", default="fp32", choices=["fp32", "bf16"], help="storage of frozen parameters "
+                   "(LoRA's base model, RMU's untrained layers): fp32 (unlearnkit's default) or bf16 (--dtype bf16)")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows to this JSON file")
     p.set_defaults(func=run)
@@ -222,7 +232,7 @@ def run(args) -> int:
     s = load_shape(args.model)
     gpus = args.gpus or [1, 2, 8]
     kw = dict(rmu_layer=args.layer, batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision,
-              kl=args.kl)
+              kl=args.kl, frozen_bytes=4 if args.frozen_dtype == "fp32" else 2)
     plans = [plan(s, args.method, g, lora_r=args.lora_r, checkpointing=c, offload=o, **kw)
              for g in gpus for c, o in ((False, False), (True, False), (True, True))]  # validates first
     counts = param_counts(s)
