@@ -30,7 +30,8 @@ from .data.format import PromptFormat
 from .errors import UserError
 from .files import check_out_dir, claim_out_dir
 from .train.loop import TrainConfig, autocast_context, dist_info, train, uses_bf16
-from .train.sharding import compute_device, gather_full, is_sharded, set_activation_checkpointing, shard
+from .train.sharding import (check_shardable, compute_device, gather_full, is_sharded, set_activation_checkpointing,
+                             shard)
 
 # Keys every method accepts besides TrainConfig's and its own.
 COMMON = dict(pairing="cycle", retain_batch_size=None, max_length=512, params=None,
@@ -363,6 +364,7 @@ def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] 
     train_cfg = TrainConfig(**{k: cfg[k] for k in _TRAIN_KEYS})
     if train_cfg.fsdp:
         _check_fsdp_world()
+        check_shardable(model)
     topics: dict = {}
     forget_ex = _encode(tokenizer, forget, fmt, cfg["max_length"], "forget", topics)
     retain_ex = _encode(tokenizer, retain, fmt, cfg["max_length"], "retain") if uses_retain else []

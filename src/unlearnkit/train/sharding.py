@@ -98,13 +98,28 @@ def _register_in_root(module) -> None:
     register_fsdp_forward_method(module, IN_ROOT)
 
 
+def check_shardable(model) -> list:
+    """The decoder layers FSDP will make units of; a UserError when the model has none."""
+    try:
+        layers = list(decoder_layers(model))
+    except (AttributeError, TypeError):
+        layers = []
+    if not layers:
+        from ..errors import UserError
+
+        raise UserError(f"--fsdp: {type(model).__name__} has no list of decoder layers (get_decoder().layers) to "
+                        "shard; run it without --fsdp")
+    return layers
+
+
 def shard(model, compute_device: torch.device, bf16: bool = False, offload: bool = False):
     """fully_shard each decoder layer, then the root; in place (returns the model). Needs a process group."""
     from torch.distributed.fsdp import fully_shard
 
+    layers = check_shardable(model)
     template = _meta_template(model)
     mp, off = policies(compute_device, bf16, offload)
-    for layer in decoder_layers(model):
+    for layer in layers:
         fully_shard(layer, mp_policy=mp, offload_policy=off)
     fully_shard(model, mp_policy=mp, offload_policy=off)
     _register_in_root(model)
