@@ -15,7 +15,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, prepare_cli, sweep_cli
+    from . import demo, plan, prepare_cli, sweep_cli
     from .bench import add_bench_commands
     from .eval.cli import add_commands as add_eval_commands
     from .methods.cli import add_commands as add_unlearn_commands
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cli.add_commands(sub)
     add_analysis_commands(sub)
     add_report_commands(sub)
+    plan.add_commands(sub)
     return parser
 
 

@@ -29,7 +29,9 @@ from .data.batching import batches, encode_corpus, encode_items
 from .data.format import PromptFormat
 from .errors import UserError
 from .files import check_out_dir, claim_out_dir
-from .train.loop import TrainConfig, autocast_context, dist_info, train
+from .train.loop import TrainConfig, autocast_context, dist_info, train, uses_bf16
+from .train.sharding import (check_shardable, compute_device, gather_full, is_sharded, set_activation_checkpointing,
+                             shard)
 
 # Keys every method accepts besides TrainConfig's and its own.
 COMMON = dict(pairing="cycle", retain_batch_size=None, max_length=512, params=None,
@@ -245,11 +247,25 @@ def make_schedule(forget: list[dict], retain: list[dict], cfg: dict, pad_id: int
     return batches_for_epoch
 
 
-def _maybe_init_distributed():
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU)."""
+def _check_fsdp_world() -> None:
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UserError("--fsdp: needs a process group: launch with torchrun --nproc_per_node N (or accelerate "
+                        "launch); one process trains unsharded without --fsdp")
+
+
+def launched() -> bool:
+    """Started by torchrun / accelerate launch (the variables a process group is created from)?"""
+    return all(k in os.environ for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE"))
+
+
+def _maybe_init_distributed():
+    """Under torchrun / accelerate launch: join the process group (gloo on CPU, nccl on GPU). One process joins too
+    when it is launched that way (--fsdp --offload on one GPU needs the group)."""
+    import torch.distributed as dist
+
+    if launched() and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
@@ -346,6 +362,9 @@ def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] 
     cfg = resolve_config(method, config)
     uses_retain = check_data(m, cfg, forget, retain)
     train_cfg = TrainConfig(**{k: cfg[k] for k in _TRAIN_KEYS})
+    if train_cfg.fsdp:
+        _check_fsdp_world()
+        check_shardable(model)
     topics: dict = {}
     forget_ex = _encode(tokenizer, forget, fmt, cfg["max_length"], "forget", topics)
     retain_ex = _encode(tokenizer, retain, fmt, cfg["max_length"], "retain") if uses_retain else []
@@ -363,13 +382,19 @@ def build(model, tokenizer, method: str, forget: list[dict], retain: list[dict] 
         keep = set(chosen)
         for n, p in model.named_parameters():
             p.requires_grad_(n in keep)  # only trained parameters carry gradients
+    device = next(model.parameters()).device
+    if train_cfg.activation_checkpointing:
+        set_activation_checkpointing(model)
+    if train_cfg.fsdp:
+        # Sharded before the method's setup: its precomputations (NPO's reference NLLs, RMU's coefficients) and
+        # frozen copies then run in the step's own precision, on the sharded model.
+        model = shard(model, device, bf16=uses_bf16(train_cfg, device), offload=train_cfg.offload)
     params = [p for p in model.parameters() if p.requires_grad]
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     schedule = make_schedule(forget_ex, retain_ex, cfg, tokenizer.pad_token_id, len(topics),
                              m.padding_side(cfg), m.position_ids(cfg))
-    device = next(model.parameters()).device
     data = UnlearnData(forget_ex, retain_ex, tokenizer.pad_token_id, len(topics), param_names, schedule,
-                       autocast=lambda: autocast_context(train_cfg, device))
+                       autocast=lambda: autocast_context(train_cfg, compute_device(model)))
     step_loss = m.setup(model, data, cfg, **(setup_kwargs or {}))
     if set(data.report) != set(m.reports):
         raise RuntimeError(f"method {method}: setup reported {sorted(data.report)}, its record declares "
@@ -415,6 +440,8 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
     if out_dir is not None:
         check_out_dir(out_dir, "unlearn")
     _maybe_init_distributed()
+    if monitor is not None and (config or {}).get("fsdp"):
+        raise UserError("--eval-every / monitor: in-training evaluation is not supported with --fsdp")
     run = build(model, tokenizer, method, forget, retain, config, fmt)
     cfg, model = run.cfg, run.model
     setup_seconds = time.perf_counter() - t_start
@@ -429,9 +456,13 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
                 on_step=_step_callbacks(monitor, live_log),
                 on_start=monitor.start if monitor is not None else None)
     kept = monitor.finish(len(log["steps"])) if monitor is not None and log.get("interrupted_at") is None else None
-    if cfg["lora_r"] and cfg["lora_merge"]:
+    peak = peak_memory_bytes(compute_device(model))
+    sharded = is_sharded(model)
+    if sharded:  # the full model, once, on rank 0 (CPU); None on the other ranks
+        model = gather_full(model, rank)
+    if model is not None and cfg["lora_r"] and cfg["lora_merge"]:
         model = model.merge_and_unload()
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters() if model is not None else ():
         p.requires_grad_(run.restore_requires_grad.get(n, p.requires_grad))
     steps = log["steps"]
     info = {"method": method, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
@@ -442,7 +473,7 @@ def unlearn(model, tokenizer, method: str, forget: list[dict], retain: list[dict
             "fingerprint": run.fingerprint,
             "setup_seconds": setup_seconds, "train_seconds": log.get("seconds"),
             "seconds_per_step": sum(s["seconds"] for s in steps) / len(steps) if steps else None,
-            "peak_memory_bytes": peak_memory_bytes(next(model.parameters()).device),
+            "peak_memory_bytes": peak, "sharded": sharded,
             "total_steps": log["total_steps"], "world_size": log["world_size"], "steps": steps,
             "interrupted_at": log.get("interrupted_at"), "versions": _versions(), "command": " ".join(sys.argv)}
     if kept is not None:

@@ -36,6 +36,13 @@ def add_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (value parsed as YAML), e.g. --set beta=4.5 or, for RMU, "
                    "--set layer=11; the keys are in docs/methods.md")
+    scale = p.add_argument_group("scale-out (docs/scaling.md)")
+    scale.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and AdamW "
+                       "state across the processes (FSDP2); default: every process holds the whole model")
+    scale.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)")
+    scale.add_argument("--offload", action="store_true", help="with --fsdp: keep the shards of parameters, "
+                       "gradients and AdamW state in CPU memory; the optimizer step runs on the CPU")
     p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (merged on save)")
     p.add_argument("--no-merge", action="store_true", help="with --lora-r: save the adapters, not a merged model")
     ev = p.add_argument_group("in-training evaluation (TOFU splits)")
@@ -74,6 +81,9 @@ def load_config(args) -> dict:
     for name in TRAIN_FIELDS:
         if getattr(args, name, None) is not None:
             config[name] = getattr(args, name)
+    for flag in ("fsdp", "activation_checkpointing", "offload"):
+        if getattr(args, flag, False):
+            config[flag] = True
     if args.lora_r is not None:
         config["lora_r"] = args.lora_r
     if args.no_merge:
@@ -136,12 +146,17 @@ def run(args) -> int:
     from ..files import check_out_dir
     from ..models import load_model
     from ..train.loop import NonFiniteLoss
-    from ..unlearning import resolve_config, unlearn
+    from ..unlearning import launched, resolve_config, unlearn
 
     check_model_args(args)
     fmt = prompt_format(args)
     config = load_config(args)
-    resolve_config(args.method, config)  # bad keys and values fail before the (possibly long) TOFU preparation
+    resolved = resolve_config(args.method, config)  # bad keys and values fail before the (possibly long) TOFU
+    if resolved["fsdp"] and not launched():         # preparation
+        raise UserError("--fsdp: needs a process group: launch with torchrun --nproc_per_node N (or accelerate "
+                        "launch)")
+    if resolved["fsdp"] and args.eval_every is not None:
+        raise UserError("--eval-every: in-training evaluation is not supported with --fsdp")
     out = args.out or f"runs/unlearn-{args.method}"
     inputs = [args.model, args.config, args.retain, args.retain_corpus, *args.forget, *args.forget_corpus]
     check_out_dir(out, "unlearn", inputs=[i for i in inputs if i and os.path.exists(i)])

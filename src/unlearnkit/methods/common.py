@@ -1,8 +1,6 @@
 """Pieces several methods share: the retain term R (CE or KL to the starting model) and a frozen reference copy."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
@@ -10,11 +8,10 @@ from ..train.nll import label_logits, mean_token_nll
 
 
 def frozen_copy(model):
-    """A frozen, eval-mode copy of the model as it is now (the reference p_ref)."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
+    """A frozen, eval-mode copy of the model as it is now (the reference p_ref); sharded like it under FSDP."""
+    from ..train.sharding import frozen_copy as copy_module
+
+    return copy_module(model)
 
 
 def kl_to_reference(model, ref_model, batch) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.nll import sequence_nll
+from ..train.sharding import compute_device
 from .common import frozen_copy, retain_term
 from .contract import Method, non_negative, positive, when_alpha
 
@@ -33,7 +34,7 @@ def reference_nll(model, forget_batches, n: int, autocast) -> torch.Tensor:
     would start NPO off its fixed point."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = compute_device(model)
     out = torch.full((n,), float("nan"), dtype=torch.float32)
     for batch in forget_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -53,7 +54,7 @@ def setup(model, data, cfg, naive: bool = False):
     else:
         forget_batches = [step["forget"] for step in data.batches_for_epoch(0)]
         ref_nll = reference_nll(model, forget_batches, len(data.forget), data.autocast)
-        ref_nll = ref_nll.to(next(model.parameters()).device)
+        ref_nll = ref_nll.to(compute_device(model))
     retain = retain_term(model, cfg) if cfg["alpha"] else None
     beta, gamma, alpha = cfg["beta"], cfg["gamma"], cfg["alpha"]
 

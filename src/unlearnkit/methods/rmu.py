@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..train.activations import FastActivations, NaiveActivations, layer_index, n_layers
+from ..train.sharding import compute_device
 from .contract import Method, non_negative, positive, when_alpha
 
 DEFAULTS = dict(lr=2e-3, epochs=1.0, max_steps=150, batch_size=4, warmup_ratio=0.0, schedule="constant",
@@ -95,7 +96,7 @@ def setup(model, data, cfg, naive: bool = False):
     acts = NaiveActivations(model, layer) if naive else FastActivations(model, layer, trained_layers)
     n_topics = data.n_topics
     dim = model.get_input_embeddings().weight.shape[1]
-    device = next(model.parameters()).device
+    device = compute_device(model)
     us = [unit_vector(dim, cfg["seed"], k).to(device) for k in range(n_topics)]
     alphas = _per_topic(cfg["alpha"], n_topics, "alpha")
     coeffs = _per_topic(cfg["steering_coeff"], n_topics, "steering_coeff")

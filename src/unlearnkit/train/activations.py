@@ -13,10 +13,11 @@ or None).
 """
 from __future__ import annotations
 
-import copy
 import re
 
 import torch
+
+from .sharding import frozen_copy, in_root
 
 
 def decoder_of(model):
@@ -79,9 +80,13 @@ class FastActivations:
         self.lo, self.hi = min(trained_layers), layer
         layers = self.decoder.layers
         self.prefix, self.trained = layers[:self.lo], layers[self.lo:self.hi + 1]
-        self.frozen = copy.deepcopy(self.trained).eval().requires_grad_(False)
+        self.frozen = torch.nn.ModuleList([frozen_copy(layer) for layer in self.trained])
 
     def __call__(self, model, batch, with_frozen: bool):
+        # in_root: under FSDP the root unit (embeddings) is gathered; each decoder layer unshards on its own call
+        return in_root(model, self._call, batch, with_frozen)
+
+    def _call(self, batch, with_frozen: bool):
         with torch.no_grad():
             hidden, args, kwargs = layer_inputs(self.decoder, batch)
             hidden = run_layers(self.prefix, hidden, args, kwargs)
@@ -97,7 +102,7 @@ class NaiveActivations:
 
     def __init__(self, model, layer: int):
         self.layer = layer
-        self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        self.frozen = frozen_copy(model)
 
     def _h(self, m, batch):
         return m(**_model_inputs(batch), output_hidden_states=True, use_cache=False).hidden_states[self.layer + 1]

@@ -7,10 +7,16 @@ A caller gives
 The loop owns AdamW, warm-up + decay, clipping, accumulation, autocast, checkpoint/resume, NaN guard, the
 progress bar and the JSON log.
 
-Multi-process (torchrun / accelerate launch, any backend): rank r takes micro-batches r, r+W, ...; after the last
-micro-batch of a step the gradients of the trained parameters are averaged across ranks with one all-reduce. We do
-not wrap the model in DDP: losses may call parts of the model directly (the backbone without the LM head, RMU's
-layer slices), which would bypass DDP's forward and silently skip its gradient sync.
+Multi-process (torchrun / accelerate launch, any backend): rank r takes micro-batches r, r+W, ...; W processes
+with grad_accum A compute the update of one process with grad_accum W·A (the resume fingerprint records W·A, so a
+run may resume on another number of processes). Two ways to share the work:
+- replicated (default): every rank holds the whole model; after the last micro-batch of a step the gradients of the
+  trained parameters are averaged across ranks with one all-reduce. Not DDP: losses call parts of the model directly
+  (the backbone without the LM head, RMU's layer slices), which would bypass DDP's forward and silently skip its
+  gradient sync (docs/methods.md).
+- sharded (FSDP2, train/sharding.py; the caller shards the model before setting the method up): parameters,
+  gradients and optimizer state are split across ranks; FSDP reduce-scatters gradients in backward, the loop only
+  averages the logged loss. Checkpoints are then written with torch.distributed.checkpoint, every rank its shards.
 """
 from __future__ import annotations
 
@@ -46,6 +52,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0         # optimizer steps; 0 = only at the end of training (for resume)
     mixed_precision: str = "auto"     # auto (bf16 autocast on CUDA) | bf16 | no
+    fsdp: bool = False                # shard the model with FSDP2 under torchrun (train/sharding.py)
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
+    offload: bool = False             # with fsdp: parameters, gradients and AdamW state in CPU memory
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -77,6 +86,11 @@ class TrainConfig:
         self.adam_betas = tuple(float(b) for b in betas)
         if self.schedule not in ("linear", "cosine", "constant"):
             raise UserError(f"--schedule: unknown value {self.schedule!r}; choose linear, cosine or constant")
+        for name in ("fsdp", "activation_checkpointing", "offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"config {name}: expected true or false (got {getattr(self, name)!r})")
+        if self.offload and not self.fsdp:
+            raise UserError("--offload: needs --fsdp (it offloads FSDP's shards)")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise UserError(f"config mixed_precision: unknown value {self.mixed_precision!r}; choose auto, bf16 or no")
 
@@ -117,11 +131,14 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
                              eps=cfg.adam_eps)
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and torch.device(device).type == "cuda")
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device):
     """The autocast state every step runs in (bf16 on CUDA by default); methods use it for anything they
     precompute so that it matches the step exactly."""
-    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(cfg, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
@@ -158,9 +175,10 @@ def _count_tokens(obj) -> int:
 def default_fingerprint(cfg: TrainConfig, world: int) -> dict:
     """What makes a run this run, for the resume check: every setting that changes the result."""
     values = _jsonable(asdict(cfg))
-    values.pop("checkpoint_every")  # when checkpoints are written does not change the result
-    values.pop("extra")
-    return {**values, "world_size": world}
+    # Not part of the result: when checkpoints are written, how the work is spread over devices and memory.
+    for key in ("checkpoint_every", "extra", "fsdp", "activation_checkpointing", "offload", "grad_accum"):
+        values.pop(key)
+    return {**values, "micro_batches_per_step": cfg.grad_accum * world}
 
 
 def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | os.PathLike | None = None,
@@ -180,8 +198,13 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     saved in and restored from the checkpoint (e.g. train/monitor.py's best step). `on_start(total_steps)` runs
     once the checkpoint (if any) is loaded, before the first step.
     """
+    from .sharding import compute_device, is_sharded, reshard
+
     seed_everything(cfg.seed)
-    device = next(model.parameters()).device
+    device = compute_device(model)
+    sharded = is_sharded(model)
+    if sharded:
+        reshard(model)  # a forward in the method's setup left the root gathered
     rank, world = dist_info()
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -195,12 +218,16 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir else None
     run_identity = {**default_fingerprint(cfg, world), **_jsonable(fingerprint or {}),
-                    "trained_parameters": _param_names(model, params)}
+                    "trained_parameters": sorted(_param_names(model, params))}  # FSDP reorders them
     log = {"config": _jsonable(asdict(cfg)), "total_steps": total_steps, "world_size": world, "steps": []}
     step = 0
     if ckpt_dir and (ckpt_dir / STATE_FILE).is_file():
         if resume:
-            step, log = _load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, run_identity, extra_state)
+            step, log = _load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, run_identity, extra_state,
+                                         sharded, device)
+            if log.get("world_size") != world:
+                log.setdefault("resumed_from_world_size", log.get("world_size"))
+                log["world_size"] = world
         elif rank == 0:
             shutil.rmtree(ckpt_dir)  # asked to start over: the old checkpoint is discarded deliberately
 
@@ -231,7 +258,7 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
     while step < total_steps:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        total_loss, tokens, metrics = 0.0, 0, {}
+        total_loss, tokens, metrics, bad_loss = 0.0, 0, {}, None
         for k in range(cfg.grad_accum):
             m = step * micro_per_step + k * world + rank
             batch = _to_device(micro_batch(m), device)
@@ -239,23 +266,30 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
             with autocast_context(cfg, device):
                 loss, parts = step_loss(model, batch)
             if not torch.isfinite(loss):
-                stop(f"loss is {loss.item()}")
+                if world == 1:
+                    stop(f"loss is {loss.item()}")
+                bad_loss = loss.item()  # the other ranks are in the same collective: stop together after it
             (loss / cfg.grad_accum).backward()
             total_loss += loss.item() / cfg.grad_accum
             for name, value in parts.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) / cfg.grad_accum
         if world > 1:
-            total_loss = _average_grads(params, world, device, total_loss)
+            flags = [total_loss, 0.0 if bad_loss is None else 1.0]
+            total_loss, any_bad = (_mean_over_ranks(flags, device) if sharded
+                                   else _average_grads(params, world, device, flags))
+            if any_bad:
+                stop(f"loss is {bad_loss if bad_loss is not None else 'non-finite on another rank'}")
         # The total norm is computed either way: a non-finite gradient stops training before it reaches the weights.
         if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = float(_full(grad_norm))  # under FSDP: the norm over all ranks' shards
         if not math.isfinite(grad_norm):
             stop(f"gradient norm is {grad_norm}")
         optimizer.step()
         scheduler.step()
-        if not all_finite(params):
+        if not _finite_everywhere(params, sharded, device):
             stop("the weights became non-finite")
         step += 1
         dt = time.perf_counter() - t0
@@ -266,12 +300,15 @@ def train(model, step_loss, batches_for_epoch, cfg: TrainConfig, out_dir: str | 
         bar.update(1)
         if on_step:
             on_step(step, entry)
-        if ckpt_dir and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity, extra_state)
+        writes = ckpt_dir and (rank == 0 or sharded)  # sharded: every rank writes its shards
+        if writes and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity, extra_state,
+                             sharded, device)
         if stop_after_steps is not None and step >= stop_after_steps and step < total_steps:
             bar.close()
-            if ckpt_dir and rank == 0:
-                _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity, extra_state)
+            if writes:
+                _save_checkpoint(ckpt_dir, step, model, params, optimizer, scheduler, log, run_identity, extra_state,
+                                 sharded, device)
             log["interrupted_at"] = step
             return log
     bar.close()
@@ -291,13 +328,37 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _average_grads(params, world: int, device, loss_value: float) -> float:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _finite_everywhere(tensors, sharded: bool, device) -> bool:
+    """all_finite on every rank's shards (sharded: one all-reduce, so that every rank decides alike)."""
+    if not sharded:
+        return all_finite(tensors)
+    from .sharding import all_ranks, local
+
+    return all_ranks(all_finite([local(t) for t in tensors]), device)
+
+
+def _mean_over_ranks(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def _average_grads(params, world: int, device, values: list[float]) -> list[float]:
     """Mean of each trained parameter's gradient over ranks (= the gradient of the global batch), in one
-    all-reduce; the logged loss is averaged too. A parameter a rank did not reach counts as zero gradient."""
+    all-reduce; `values` (the logged loss, flags) are averaged too. A parameter a rank did not reach counts as zero
+    gradient."""
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss_value], device=device)])
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(values, device=device)])
     dist.all_reduce(flat)
     flat /= world
     offset = 0
@@ -305,7 +366,7 @@ def _average_grads(params, world: int, device, loss_value: float) -> float:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
         offset += n
-    return float(flat[-1])
+    return flat[offset:].tolist()
 
 
 def _jsonable(obj):
@@ -325,15 +386,35 @@ def _optimizer_tensors(optimizer):
     return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
+SHARDS_PREFIX = "shards-"  # torch.distributed.checkpoint folders of sharded runs: shards-STEP/
+
+
 def _save_checkpoint(ckpt_dir: Path, step, model, params, optimizer, scheduler, log, fingerprint,
-                     extra_state=None) -> bool:
-    """Write the resume state atomically; never a non-finite one (the previous checkpoint is kept instead)."""
-    if not (all_finite(params) and all_finite(_optimizer_tensors(optimizer))):
+                     extra_state=None, sharded: bool = False, device=None) -> bool:
+    """Write the resume state atomically; never a non-finite one (the previous checkpoint is kept instead).
+
+    Replicated runs: rank 0 writes state.pt (trained parameters, optimizer, scheduler, log, RNG). Sharded runs: every
+    rank writes its shards of the trained parameters and AdamW state to shards-STEP/ (torch.distributed.checkpoint,
+    which can be loaded on any number of processes), then rank 0 writes state.pt without them, naming that folder:
+    state.pt is the commit point, so a kill mid-write leaves the previous checkpoint in force."""
+    if not _finite_everywhere(list(params) + _optimizer_tensors(optimizer), sharded, device):
         return False
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    names = dict(model.named_parameters())
-    trainable = {n: names[n].detach().cpu().clone() for n in _param_names(model, params)}
-    state = {"step": step, "params": trainable, "optimizer": optimizer.state_dict(),
+    rank = dist_info()[0]
+    shards = None
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        shards = f"{SHARDS_PREFIX}{step}"
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(ckpt_dir / shards))
+        if rank != 0:
+            return True
+        trainable = None
+    else:
+        names = dict(model.named_parameters())
+        trainable = {n: names[n].detach().cpu().clone() for n in _param_names(model, params)}
+    state = {"step": step, "params": trainable, "shards": shards,
+             "optimizer": None if sharded else optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "log": log, "fingerprint": fingerprint,
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
              "extra": extra_state.state_dict() if extra_state is not None else None}
@@ -343,7 +424,40 @@ def _save_checkpoint(ckpt_dir: Path, step, model, params, optimizer, scheduler, 
     from ..files import write_json_atomic
 
     write_json_atomic(ckpt_dir / FINGERPRINT_FILE, {"step": step, "fingerprint": fingerprint})
+    for old in ckpt_dir.glob(f"{SHARDS_PREFIX}*"):
+        if old.name != shards:
+            shutil.rmtree(old, ignore_errors=True)  # superseded (or left by a kill mid-write)
     return True
+
+
+def _dcp_state(model, optimizer) -> dict:
+    """The trained parameters and the optimizer state as torch.distributed.checkpoint state dicts (keyed by
+    parameter name: loadable into a sharded or a plain model, on any number of processes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": msd, "optim": osd}
+
+
+def _load_shards(folder: Path, model, optimizer, sharded: bool, device) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from .sharding import local
+
+    if not folder.is_dir():
+        raise UserError(f"{folder}: the sharded checkpoint named by {folder.parent / STATE_FILE} is missing; "
+                        "pass --restart to discard it")
+    state = _dcp_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as e:  # noqa: BLE001 — damaged or foreign shards must refuse, whatever DCP raised
+        raise UserError(f"{folder}: damaged sharded checkpoint ({type(e).__name__}); pass --restart to discard "
+                        "it") from e
+    if not _finite_everywhere([local(v) for v in state["model"].values() if torch.is_tensor(v)], sharded, device):
+        raise UserError(f"{folder}: checkpoint holds non-finite weights; pass --restart to discard it")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True))
 
 
 def _checkpoint_step(ckpt_dir: Path):
@@ -365,7 +479,8 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
             for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
 
 
-def _load_checkpoint(ckpt_dir: Path, model, params, optimizer, scheduler, fingerprint, extra_state=None):
+def _load_checkpoint(ckpt_dir: Path, model, params, optimizer, scheduler, fingerprint, extra_state=None,
+                     sharded: bool = False, device=None):
     try:
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
         saved = state["fingerprint"] if isinstance(state, dict) and "fingerprint" in state else None
@@ -380,13 +495,20 @@ def _load_checkpoint(ckpt_dir: Path, model, params, optimizer, scheduler, finger
         raise UserError(f"{ckpt_dir}: checkpoint of a different run ({'; '.join(diffs[:4])}"
                         f"{'; ...' if len(diffs) > 4 else ''}); re-run with the same arguments to resume it, or "
                         "pass --restart to discard it")
-    if not all_finite(state["params"].values()):
-        raise UserError(f"{ckpt_dir / STATE_FILE}: checkpoint holds non-finite weights; pass --restart to discard it")
-    names = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, value in state["params"].items():
-            names[n].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("shards"):  # written by a sharded run: loads on any number of processes, sharded or not
+        _load_shards(ckpt_dir / state["shards"], model, optimizer, sharded, device)
+    elif sharded:
+        raise UserError(f"{ckpt_dir}: checkpoint of a run without --fsdp; resume it without --fsdp, or pass "
+                        "--restart to discard it")
+    else:
+        if not all_finite(state["params"].values()):
+            raise UserError(f"{ckpt_dir / STATE_FILE}: checkpoint holds non-finite weights; pass --restart to "
+                            "discard it")
+        names = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, value in state["params"].items():
+                names[n].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])

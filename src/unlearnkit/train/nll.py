@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.format import IGNORE
+from .sharding import in_root
 
 
 def backbone_and_head(model):
@@ -40,9 +41,14 @@ def label_logits(model, batch: dict, full_logits: bool = False):
     if backbone is None:
         logits = model(**kwargs, use_cache=False).logits[:, :-1][keep]
     else:
-        hidden = backbone(**kwargs, use_cache=False).last_hidden_state[:, :-1][keep]
-        logits = head(hidden)
+        # in_root: under FSDP the root unit (embeddings, norm, head) is gathered as in a full forward
+        logits = in_root(model, _head_at_labels, backbone, head, kwargs, keep)
     return logits.float(), targets, rows
+
+
+def _head_at_labels(backbone, head, kwargs, keep):
+    hidden = backbone(**kwargs, use_cache=False).last_hidden_state[:, :-1][keep]
+    return head(hidden)
 
 
 def sequence_nll(model, batch: dict, full_logits: bool = False):
