@@ -319,3 +319,22 @@ def test_decoding_with_system_prompt_equals_hf_generate(make_tiny_model, tokeniz
     assert min(lengths) < 10 and max(lengths) == 20  # rows stop at different steps
     for bs in (4, 5, 10):
         assert greedy_generate(model, tokenizer, ids, max_new_tokens=20, batch_size=bs, **kw) == hf, bs
+
+
+def test_generation_batch_size_from_memory_budget(make_tiny_model):
+    """The decoding batch: the KV cache at full length plus prefill activations per row, written out by hand for
+    a grouped-query config, under the budget; never above the number of prompts nor below 1."""
+    from unlearnkit.eval.generate import _ROOM, FALLBACK_GEN_BATCH, generation_batch_size, row_bytes
+
+    config = make_tiny_model(layers=3, hidden=32, kv_heads=2).config  # 4 heads of 8 dims, 2 KV heads, MLP 64
+    prompt, new = 40, 200
+    kv = 2 * 3 * 2 * 8 * 4 * (prompt + new + _ROOM)  # K and V, layers, KV heads, head dim, fp32, positions
+    act = 4 * (prompt * (6 * 32 + 3 * 64 + 4 * prompt) + 2 * config.vocab_size)
+    assert row_bytes(config, prompt, new) == kv + act
+    gib = 10 * (kv + act) / 2**30
+    assert generation_batch_size(config, [12, prompt, 30] * 10, new, memory_gb=gib) == 10  # the longest counts
+    assert generation_batch_size(config, [prompt] * 4, new, memory_gb=gib) == 4
+    assert generation_batch_size(config, [prompt] * 30, new, memory_gb=gib * 0.99) == 9
+    assert generation_batch_size(config, [prompt] * 30, new, memory_gb=1e-9) == 1
+    assert generation_batch_size(config, [prompt] * 30, new, memory_gb=2 * gib, dtype_bytes=2) > 20
+    assert generation_batch_size(object(), [prompt] * 100, new) == FALLBACK_GEN_BATCH

@@ -8,6 +8,54 @@ from collections import deque
 import torch
 
 from ..data.batching import collate
+from .limits import GEN_MEMORY_GB
+
+
+_ROOM = 32           # KV positions a row holds beyond its current length (GrowingLayer.room)
+
+
+FALLBACK_GEN_BATCH = 32  # when the config does not give the sizes row_bytes needs
+
+
+def _field(config, *names):
+    value = next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
+    if value is None:
+        raise AttributeError(f"config has none of {names}")
+    return value
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 4) -> int:
+    """Key + value bytes one row adds per token: 2 × layers × kv heads × head dim × dtype bytes."""
+    heads = _field(config, "num_attention_heads", "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or _field(config, "hidden_size", "n_embd") // heads
+    return 2 * _field(config, "num_hidden_layers", "n_layer") * kv_heads * head_dim * dtype_bytes
+
+
+def row_bytes(config, prompt_tokens: int, max_new_tokens: int, dtype_bytes: int = 4) -> int:
+    """Memory one decoding row may need at most: its KV cache at full length (+ the buffer's room) and the
+    activations of its share of a prefill (one layer's hidden states, q/k/v/o, MLP, attention scores, and logits
+    for the last position)."""
+    kv = kv_bytes_per_token(config, dtype_bytes) * (prompt_tokens + max_new_tokens + _ROOM)
+    hidden = _field(config, "hidden_size", "n_embd")
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    heads = _field(config, "num_attention_heads", "n_head")
+    act = prompt_tokens * (6 * hidden + 3 * mlp + heads * prompt_tokens) + 2 * _field(config, "vocab_size")
+    return kv + act * dtype_bytes
+
+
+def generation_batch_size(config, prompt_lengths, max_new_tokens: int, memory_gb: float = GEN_MEMORY_GB,
+                          dtype_bytes: int = 4) -> int:
+    """Rows decoded at once: as many as fit memory_gb by row_bytes (longest prompt), at least 1, at most the number
+    of prompts. Larger batches cost less per token on CPU and GPU alike (docs/evaluation.md), memory is the limit.
+    A config without the sizes: FALLBACK_GEN_BATCH."""
+    if not prompt_lengths:
+        return 1
+    try:
+        per_row = row_bytes(config, max(prompt_lengths), max(max_new_tokens, 0), dtype_bytes)
+    except AttributeError:
+        return min(len(prompt_lengths), FALLBACK_GEN_BATCH)
+    return max(1, min(len(prompt_lengths), int(memory_gb * 2**30 // per_row)))
 
 
 def cut_at_stops(text: str, stops) -> str:
@@ -18,9 +66,9 @@ def cut_at_stops(text: str, stops) -> str:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int = 200,
-                    batch_size: int = 16, stop_strings=(), prompts: list[str] | None = None, guard=None,
+                    batch_size: int | None = None, stop_strings=(), prompts: list[str] | None = None, guard=None,
                     progress=None, engine: str = "continuous", hidden_token: int | None = None,
-                    decode=None) -> list[str]:
+                    decode=None, memory_gb: float = GEN_MEMORY_GB) -> list[str]:
     """Greedy continuation of each tokenised prompt, decoded without special tokens, in input order.
 
     Rows stop at the tokenizer's EOS; with stop_strings a row also ends once one appears and the text is cut before
@@ -33,8 +81,13 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
     hidden_token: prompt positions holding this id are left out of the attention mask (open-unlearning's collator:
     attention_mask = input_ids != pad, pad == EOS); positions then count only the attended tokens, as HF generate
     derives them from the mask. decode(ids) → text (default: decode without special tokens).
+    batch_size: rows decoded at once; None: generation_batch_size under memory_gb (GiB).
     """
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
+    if batch_size is None:
+        batch_size = generation_batch_size(getattr(model, "config", None), [len(p) for p in prompt_ids],
+                                           max_new_tokens, memory_gb, param.element_size())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
 
@@ -161,7 +214,7 @@ def _growing_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
-        room = 32  # positions allocated ahead: one whole-history copy per `room` steps instead of one per step
+        room = _ROOM  # positions allocated ahead: one whole-history copy per `room` steps instead of one per step
 
         def _fits(self, total: int) -> bool:
             buf = getattr(self, "_kbuf", None)
