@@ -23,8 +23,9 @@ def make_tiny_model(tokenizer):
     """Factory: a tiny random-initialised Llama-architecture model sharing the real tokenizer's vocabulary."""
     from unlearnkit.models import tiny_llama
 
-    def make(layers: int = 4, hidden: int = 32, seed: int = 0):
-        return tiny_llama(vocab_size=len(tokenizer), hidden=hidden, layers=layers, heads=4, seed=seed)
+    def make(layers: int = 4, hidden: int = 32, seed: int = 0, kv_heads: int | None = None):
+        return tiny_llama(vocab_size=len(tokenizer), hidden=hidden, layers=layers, heads=4, seed=seed,
+                          kv_heads=kv_heads)
 
     return make
 

@@ -254,3 +254,87 @@ def test_shared_prompt_rows_are_capped_for_corpora(tiny_model, tokenizer):
     separate = sequence_stats(tiny_model, exs, batch_size=2, pad_id=tokenizer.pad_token_id, share_prompts=False)
     for a, b in zip(shared, separate):
         np.testing.assert_allclose(a.logp, b.logp, atol=2e-5)
+
+
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def _eos_prone(model, tokenizer):
+    """Make EOS likely so rows finish at different steps (leaves and joins happen)."""
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight[eos] += 3.0 * model.lm_head.weight.norm(dim=1).mean() * torch.randn_like(
+            model.lm_head.weight[eos]).sign() / model.lm_head.weight.shape[1] ** 0.5
+    return model
+
+
+def test_grouped_kv_attention_is_bit_identical(make_tiny_model, tokenizer):
+    """Inside grouped_kv_attention an sdpa model on CPU attends with torch's own grouped heads: the logits of a
+    left-padded batch (prefill) and of a decode step equal transformers' repeat_kv path bit for bit."""
+    from unlearnkit.eval.generate import grouped_kv_attention
+
+    model = make_tiny_model(seed=2, kv_heads=2)
+    prompts = [encode_prompt(tokenizer, q, PromptFormat("chat", SYSTEM)) for q, _ in _random_pairs(4, seed=4)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attn = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    attn[1, -3] = 0  # a hidden token inside a prompt (--compat open-unlearning)
+
+    def forward():
+        out = model(input_ids=ids, attention_mask=attn, use_cache=True)
+        step = model(input_ids=out.logits[:, -1].argmax(-1)[:, None], past_key_values=out.past_key_values,
+                     attention_mask=torch.cat([attn, attn.new_ones(len(prompts), 1)], 1))
+        return out.logits, step.logits
+
+    with torch.no_grad():
+        plain = forward()
+        with grouped_kv_attention(model):
+            assert model.config._attn_implementation != "sdpa"
+            grouped = forward()
+    assert model.config._attn_implementation == "sdpa"
+    assert all(torch.equal(a, b) for a, b in zip(plain, grouped))
+    model.set_attn_implementation("eager")  # other implementations are left alone
+    with grouped_kv_attention(model):
+        assert model.config._attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_decoding_with_system_prompt_equals_hf_generate(make_tiny_model, tokenizer, monkeypatch, compat):
+    """Grouped-query model, the system prompt, rows leaving and joining, the KV buffer refilled every few steps
+    (room 3): our text equals HF generate's; compat: the open-unlearning rendering with end-of-turn tokens hidden."""
+    from unlearnkit.eval.conventions import OPEN_UNLEARNING
+    from unlearnkit.eval.generate import _growing_layer_class
+
+    monkeypatch.setattr(_growing_layer_class(), "room", 3)
+    model = _eos_prone(make_tiny_model(seed=7, kv_heads=2), tokenizer)
+    fmt = PromptFormat("chat", SYSTEM)
+    qs = [q for q, _ in _random_pairs(10, seed=6)]
+    encode = OPEN_UNLEARNING.encode_prompt if compat else encode_prompt
+    ids = [encode(tokenizer, q, fmt) for q in qs]
+    # the new token ids themselves are compared (decode → their numbers)
+    kw = dict(hidden_token=tokenizer.pad_token_id if compat else None, decode=lambda x: " ".join(map(str, x)))
+    hf = greedy_generate(model, tokenizer, ids, max_new_tokens=20, batch_size=5, engine="hf", **kw)
+    lengths = [len(t.split()) for t in hf]
+    assert min(lengths) < 10 and max(lengths) == 20  # rows stop at different steps
+    for bs in (4, 5, 10):
+        assert greedy_generate(model, tokenizer, ids, max_new_tokens=20, batch_size=bs, **kw) == hf, bs
+
+
+def test_generation_batch_size_from_memory_budget(make_tiny_model):
+    """The decoding batch: the KV cache at full length plus prefill activations per row, written out by hand for
+    a grouped-query config, under the budget; never above the number of prompts nor below 1."""
+    from unlearnkit.eval.generate import _ROOM, FALLBACK_GEN_BATCH, generation_batch_size, row_bytes
+
+    config = make_tiny_model(layers=3, hidden=32, kv_heads=2).config  # 4 heads of 8 dims, 2 KV heads, MLP 64
+    prompt, new = 40, 200
+    kv = 2 * 3 * 2 * 8 * 4 * (prompt + new + _ROOM)  # K and V, layers, KV heads, head dim, fp32, positions
+    act = 4 * (prompt * (6 * 32 + 3 * 64 + 4 * prompt) + 2 * config.vocab_size)
+    assert row_bytes(config, prompt, new) == kv + act
+    gib = 10 * (kv + act) / 2**30
+    assert generation_batch_size(config, [12, prompt, 30] * 10, new, memory_gb=gib) == 10  # the longest counts
+    assert generation_batch_size(config, [prompt] * 4, new, memory_gb=gib) == 4
+    assert generation_batch_size(config, [prompt] * 30, new, memory_gb=gib * 0.99) == 9
+    assert generation_batch_size(config, [prompt] * 30, new, memory_gb=1e-9) == 1
+    assert generation_batch_size(config, [prompt] * 30, new, memory_gb=2 * gib, dtype_bytes=2) > 20
+    assert generation_batch_size(object(), [prompt] * 100, new) == FALLBACK_GEN_BATCH

@@ -132,6 +132,8 @@ def test_eval_tofu_rerun_into_own_folder_and_marker_lists_retain(tiny_model_dir,
     (["--max-new-tokens", "100000000"], "context of 512 tokens"),  # the tiny model's max_position_embeddings
     (["--max-new-tokens", "500"], "context of 512 tokens"),
     (["--max-length", "20"], "--max-length 20"),
+    (["--gen-batch-size", "0"], "--gen-batch-size"), (["--gen-memory-gb", "0"], "--gen-memory-gb"),
+    (["--gen-memory-gb", "nan"], "--gen-memory-gb"),
 ])
 def test_eval_tofu_bad_numbers_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_model_load, extra,
                                                       needle):

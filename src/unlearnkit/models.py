@@ -371,12 +371,14 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[s
     return out
 
 
-def tiny_llama(vocab_size: int = 320, hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0):
-    """A tiny random-initialised Llama-architecture model, for tests and quick experiments."""
+def tiny_llama(vocab_size: int = 320, hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0,
+               kv_heads: int | None = None):
+    """A tiny random-initialised Llama-architecture model, for tests and quick experiments. kv_heads < heads:
+    grouped-query attention (as SmolLM2, Llama 3)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                          max_position_embeddings=512, tie_word_embeddings=False)
     return LlamaForCausalLM(config).eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..cli_common import add_format_args, add_model_args, check_model_args, prompt_format
 from ..errors import UserError
 from ..files import check_out_dir, write_folder, write_json_atomic
-from .limits import at_least
+from .limits import GEN_MEMORY_GB, at_least
 
 BATCH_SIZE = 32  # the evaluators' default too
 KIND = {"tofu": "eval tofu", "muse": "eval muse", "mcq": "eval mcq", "aggregate": "eval aggregate"}
@@ -42,6 +42,12 @@ def add_commands(sub) -> None:
                         "TOFU evaluation, to compare with its numbers (docs/evaluation.md, 'Differences from "
                         "open-unlearning')")
     t.add_argument("--no-generate", action="store_true", help="skip generation (ROUGE and model utility null)")
+    t.add_argument("--gen-batch-size", type=int, default=None,
+                   help="rows decoded at once (default: as many as fit --gen-memory-gb; --batch-size is the "
+                        "teacher-forced batch)")
+    t.add_argument("--gen-memory-gb", type=float, default=GEN_MEMORY_GB,
+                   help=f"GiB for the decoding batch's KV cache and activations, which sets the default "
+                        f"--gen-batch-size (default {GEN_MEMORY_GB:g})")
     t.add_argument("--limit", type=int, default=None, help="evaluate only the first N (>= 1) rows of each set")
     t.set_defaults(func=run_tofu)
 
@@ -133,7 +139,8 @@ def run_tofu(args) -> int:
     from .tofu import check_lengths, check_options, evaluate_tofu, limit_task, summary_table, task_sets, write_eval
 
     check_options(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                  truth_ratio=args.truth_ratio, es_convention=args.es_convention, compat=args.compat)
+                  truth_ratio=args.truth_ratio, es_convention=args.es_convention, compat=args.compat,
+                  gen_batch_size=args.gen_batch_size, gen_memory_gb=args.gen_memory_gb)
     at_least(args.limit, 1, "--limit", none_ok=True)
     check_model_args(args, "model", "retain_model")
     out = check_out_dir(args.out, KIND["tofu"], inputs=_inputs(args.model, args.retain_model, args.retain_log,
@@ -159,7 +166,8 @@ def run_tofu(args) -> int:
             raise UserError(f"--{option.replace('_', '-')} {getattr(args, option) or '(default)'}: {e}") from e
     kw = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
               progress=not args.quiet, holdout=holdout, truth_ratio=args.truth_ratio,
-              es_convention=args.es_convention, generate=not args.no_generate, compat=args.compat)
+              es_convention=args.es_convention, generate=not args.no_generate, compat=args.compat,
+              gen_batch_size=args.gen_batch_size, gen_memory_gb=args.gen_memory_gb)
     rows = {}
 
     def write(tmp: Path) -> None:

@@ -8,6 +8,54 @@ from collections import deque
 import torch
 
 from ..data.batching import collate
+from .limits import GEN_MEMORY_GB
+
+
+_ROOM = 32           # KV positions a row holds beyond its current length (GrowingLayer.room)
+
+
+FALLBACK_GEN_BATCH = 32  # when the config does not give the sizes row_bytes needs
+
+
+def _field(config, *names):
+    value = next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
+    if value is None:
+        raise AttributeError(f"config has none of {names}")
+    return value
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 4) -> int:
+    """Key + value bytes one row adds per token: 2 × layers × kv heads × head dim × dtype bytes."""
+    heads = _field(config, "num_attention_heads", "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or _field(config, "hidden_size", "n_embd") // heads
+    return 2 * _field(config, "num_hidden_layers", "n_layer") * kv_heads * head_dim * dtype_bytes
+
+
+def row_bytes(config, prompt_tokens: int, max_new_tokens: int, dtype_bytes: int = 4) -> int:
+    """Memory one decoding row may need at most: its KV cache at full length (+ the buffer's room) and the
+    activations of its share of a prefill (one layer's hidden states, q/k/v/o, MLP, attention scores, and logits
+    for the last position)."""
+    kv = kv_bytes_per_token(config, dtype_bytes) * (prompt_tokens + max_new_tokens + _ROOM)
+    hidden = _field(config, "hidden_size", "n_embd")
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    heads = _field(config, "num_attention_heads", "n_head")
+    act = prompt_tokens * (6 * hidden + 3 * mlp + heads * prompt_tokens) + 2 * _field(config, "vocab_size")
+    return kv + act * dtype_bytes
+
+
+def generation_batch_size(config, prompt_lengths, max_new_tokens: int, memory_gb: float = GEN_MEMORY_GB,
+                          dtype_bytes: int = 4) -> int:
+    """Rows decoded at once: as many as fit memory_gb by row_bytes (longest prompt), at least 1, at most the number
+    of prompts. Larger batches cost less per token on CPU and GPU alike (docs/evaluation.md), memory is the limit.
+    A config without the sizes: FALLBACK_GEN_BATCH."""
+    if not prompt_lengths:
+        return 1
+    try:
+        per_row = row_bytes(config, max(prompt_lengths), max(max_new_tokens, 0), dtype_bytes)
+    except AttributeError:
+        return min(len(prompt_lengths), FALLBACK_GEN_BATCH)
+    return max(1, min(len(prompt_lengths), int(memory_gb * 2**30 // per_row)))
 
 
 def cut_at_stops(text: str, stops) -> str:
@@ -18,9 +66,9 @@ def cut_at_stops(text: str, stops) -> str:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int = 200,
-                    batch_size: int = 16, stop_strings=(), prompts: list[str] | None = None, guard=None,
+                    batch_size: int | None = None, stop_strings=(), prompts: list[str] | None = None, guard=None,
                     progress=None, engine: str = "continuous", hidden_token: int | None = None,
-                    decode=None) -> list[str]:
+                    decode=None, memory_gb: float = GEN_MEMORY_GB) -> list[str]:
     """Greedy continuation of each tokenised prompt, decoded without special tokens, in input order.
 
     Rows stop at the tokenizer's EOS; with stop_strings a row also ends once one appears and the text is cut before
@@ -33,8 +81,13 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
     hidden_token: prompt positions holding this id are left out of the attention mask (open-unlearning's collator:
     attention_mask = input_ids != pad, pad == EOS); positions then count only the attended tokens, as HF generate
     derives them from the mask. decode(ids) → text (default: decode without special tokens).
+    batch_size: rows decoded at once; None: generation_batch_size under memory_gb (GiB).
     """
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
+    if batch_size is None:
+        batch_size = generation_batch_size(getattr(model, "config", None), [len(p) for p in prompt_ids],
+                                           max_new_tokens, memory_gb, param.element_size())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
 
@@ -59,8 +112,9 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
             if progress is not None:
                 progress.update(len(idx))
     elif engine in ("continuous", "pruned"):
-        new_tokens = _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size, stop_strings,
-                             progress, join=engine == "continuous")
+        with grouped_kv_attention(model):
+            new_tokens = _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size, stop_strings,
+                                 progress, join=engine == "continuous")
     else:
         raise ValueError(f"greedy_generate: unknown engine {engine!r} (continuous, pruned, hf)")
     out = []
@@ -71,6 +125,58 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
         text = decode(new) if decode is not None else tokenizer.decode(new, skip_special_tokens=True)
         out.append(cut_at_stops(text, stop_strings).strip())
     return out
+
+
+_GQA = "unlearnkit_sdpa_gqa"
+
+
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, with the key/value heads handed to torch as they are (enable_gqa) instead of
+    copied group-times first (repeat_kv)."""
+    if attention_mask is not None and attention_mask.ndim == 4:
+        attention_mask = attention_mask[:, :, :, :key.shape[-2]]
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=bool(is_causal),
+        enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _gqa_registered() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    if "enable_gqa" not in (torch.nn.functional.scaled_dot_product_attention.__doc__ or ""):  # torch < 2.5
+        return False
+    AttentionInterface.register(_GQA, _sdpa_gqa)
+    AttentionMaskInterface.register(_GQA, sdpa_mask)  # the masks transformers builds for sdpa
+    return True
+
+
+@contextlib.contextmanager
+def grouped_kv_attention(model):
+    """While decoding on CPU, an sdpa model attends through _sdpa_gqa.
+
+    With an attention mask (left padding), transformers' sdpa path copies every key/value head group-times per
+    layer and step (repeat_kv: SmolLM2 has 3 KV heads for 9 query heads) — over half of a CPU decode step at batch
+    64. torch's CPU sdpa kernel maps query head h to key/value head h // groups itself and gives bit-identical
+    outputs (tests/test_eval_fastpath.py). Elsewhere nothing changes: on GPU enable_gqa with a mask leaves the fused
+    kernels; eager or other attention implementations, and configs with sub-configs, are left alone."""
+    config = getattr(model, "config", None)
+    use = (config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
+           and not getattr(config, "sub_configs", None) and next(model.parameters()).device.type == "cpu"
+           and _gqa_registered())
+    if not use:
+        yield
+        return
+    config._attn_implementation = _GQA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def _decode_hf(model, tokenizer, ids, attn, max_new_tokens, pad, stop_strings) -> list[list[int]]:
@@ -84,11 +190,70 @@ def _decode_hf(model, tokenizer, ids, attn, max_new_tokens, pad, stop_strings) -
 def _mergeable(cache) -> bool:
     """Plain per-layer key/value tensors (DynamicLayer) can be padded and concatenated; anything else (sliding
     window, quantised, other transformers versions) falls back to refilling only when the batch is empty."""
+    plain = _plain_layer_types()
+    return bool(plain) and all(type(layer) in plain for layer in getattr(cache, "layers", [None]))
+
+
+def _plain_layer_types() -> tuple:
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:
-        return False
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+        return ()
+    return DynamicLayer, _growing_layer_class()
+
+
+_GROWING = []
+
+
+def _growing_layer_class():
+    """DynamicLayer whose keys/values are the filled part of a buffer with spare room at the end: a decode step
+    writes its one new position into the buffer instead of copying the whole history (DynamicLayer's torch.cat on
+    every step, a third of a CPU decode step at batch 64). The values are the same tensors; only copies go."""
+    if _GROWING:
+        return _GROWING[0]
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        room = _ROOM  # positions allocated ahead: one whole-history copy per `room` steps instead of one per step
+
+        def _fits(self, total: int) -> bool:
+            buf = getattr(self, "_kbuf", None)
+            return (buf is not None and self.keys.data_ptr() == buf.data_ptr() and self.keys.shape[0] == buf.shape[0]
+                    and self.keys.stride() == buf.stride() and total <= buf.shape[-2])
+
+        def update(self, key_states, value_states, cache_kwargs=None):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states)
+            n = self.keys.shape[-2] if self.keys.numel() else 0
+            total = n + key_states.shape[-2]
+            if not self._fits(total):  # first call, or keys replaced by a join / trim / row selection
+                shape = (*key_states.shape[:2], total + self.room, key_states.shape[-1])
+                self._kbuf, self._vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
+                if n:
+                    self._kbuf[:, :, :n], self._vbuf[:, :, :n] = self.keys, self.values
+            self._kbuf[:, :, n:total], self._vbuf[:, :, n:total] = key_states, value_states
+            self.keys, self.values = self._kbuf[:, :, :total], self._vbuf[:, :, :total]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            n = self.get_seq_length()
+            if n and self._fits(n):  # select rows of the buffer (room included): one copy, room kept
+                self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+                self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+            else:
+                super().batch_select_indices(indices)
+
+    _GROWING.append(GrowingLayer)
+    return GrowingLayer
+
+
+def _grow_in_place(cache) -> None:
+    """Plain DynamicLayers become GrowingLayers (same tensors, same numbers)."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _growing_layer_class()
 
 
 def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -153,6 +318,7 @@ def _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_s
             else:
                 cache, attn, positions, pending = out.past_key_values, new_attn, new_positions[:, -1:], token
                 can_join = join and _mergeable(cache)
+                _grow_in_place(cache)
             rows += idx
             fresh = range(len(rows) - len(idx), len(rows))
         else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ..errors import UserError
 
+GEN_MEMORY_GB = 2.0  # default budget for the decoding batch's KV cache and activations (`--gen-memory-gb`)
+
 # config.json fields that hold the longest sequence a model was built for, by architecture family.
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx",
                   "max_seq_len")
@@ -18,6 +20,12 @@ def at_least(value, minimum: int, name: str, none_ok: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         shown = f"{name} (--{name.replace('_', '-')})" if name.isidentifier() else name
         raise UserError(f"{shown} {value!r}: must be an integer of at least {minimum}")
+
+
+def check_memory_gb(value, name: str = "gen_memory_gb (--gen-memory-gb)") -> None:
+    """A memory budget must be a finite number of GiB above 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise UserError(f"{name} {value!r}: must be a number of GiB above 0")
 
 
 def context_length(config) -> int | None:

@@ -13,8 +13,8 @@ from ..files import write_json_atomic
 from . import metrics as M
 from .aggregate import SETS, check_same_conventions, load_log, match_reference, summarize
 from .conventions import UNLEARNKIT, Conventions, conventions, resolve_es_convention
-from .generate import greedy_generate
-from .limits import at_least, check_generation, check_sequences, context_length
+from .generate import generation_batch_size, greedy_generate
+from .limits import GEN_MEMORY_GB, at_least, check_generation, check_memory_gb, check_sequences, context_length
 from .logprobs import sequence_stats
 
 FORMAT = "unlearnkit-eval/1"
@@ -109,10 +109,13 @@ def _load_reference(retain_reference):
 
 
 def check_options(*, batch_size, max_new_tokens=None, max_length=None, truth_ratio="tofu",
-                  es_convention=None, compat=None) -> tuple[Conventions, str]:
+                  es_convention=None, compat=None, gen_batch_size=None,
+                  gen_memory_gb=GEN_MEMORY_GB) -> tuple[Conventions, str]:
     """Ranges and choices of evaluate_tofu's options (also run by the CLI before loading anything).
     Returns the conventions and the ES convention to use (es_convention None: the conventions' own)."""
     at_least(batch_size, 1, "batch_size")
+    at_least(gen_batch_size, 1, "gen_batch_size", none_ok=True)
+    check_memory_gb(gen_memory_gb)
     at_least(max_new_tokens, 1, "max_new_tokens", none_ok=True)
     at_least(max_length, 2, "max_length", none_ok=True)
     if truth_ratio not in M.TRUTH_RATIO_VARIANTS:
@@ -133,7 +136,8 @@ def evaluate_tofu(model, tokenizer, data, *, guard=None, retain_reference=None, 
                   max_length: int | None = None, holdout: list[dict] | None = None, truth_ratio: str = "tofu",
                   es_convention: str | None = None, generate: bool = True,
                   only_sets: tuple[str, ...] | None = None, compat: str | Conventions | None = None,
-                  timings: dict | None = None) -> dict:
+                  timings: dict | None = None, gen_batch_size: int | None = None,
+                  gen_memory_gb: float = GEN_MEMORY_GB) -> dict:
     """Evaluate one model on a TOFU split. Returns the EVAL dict (per-sample values + "summary").
 
     data: a TofuTask or a split name. retain_reference: the retain model's EVAL dict or a path to its EVAL.json /
@@ -144,12 +148,15 @@ def evaluate_tofu(model, tokenizer, data, *, guard=None, retain_reference=None, 
     ES 0) or "open-unlearning" (1/L there), see metrics.extraction_strength; None: the one of `compat`.
     compat: "unlearnkit" (default) or "open-unlearning" — render, label, attend, decode and aggregate as
     open-unlearning's TOFU evaluation does (conventions.py; recorded in settings.compat). timings: a dict that
-    receives teacher_forced_seconds and generation_seconds.
+    receives teacher_forced_seconds and generation_seconds. batch_size: teacher-forced batches;
+    gen_batch_size: rows decoded at once (None: as many as fit gen_memory_gb GiB, generate.generation_batch_size;
+    recorded in settings.gen_batch_size).
     """
     from tqdm.auto import tqdm
 
     conv, es_convention = check_options(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
-                                        truth_ratio=truth_ratio, es_convention=es_convention, compat=compat)
+                                        truth_ratio=truth_ratio, es_convention=es_convention, compat=compat,
+                                        gen_batch_size=gen_batch_size, gen_memory_gb=gen_memory_gb)
     task, sets = task_sets(data, holdout, only_sets)
     ref = _load_reference(retain_reference)
     if ref is not None:
@@ -173,8 +180,11 @@ def evaluate_tofu(model, tokenizer, data, *, guard=None, retain_reference=None, 
     clock.lap("teacher_forced_seconds")
     gens = []
     if generate:
+        gen_batch_size = gen_batch_size or generation_batch_size(
+            getattr(model, "config", None), [len(x) for x in gen_ids], max_new_tokens, gen_memory_gb,
+            next(model.parameters()).element_size())
         gen_prompts = [conv.prompt_text(tokenizer, sets[n][i]["question"], fmt) for n, i in gen_rows]
-        gens = greedy_generate(model, tokenizer, gen_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        gens = greedy_generate(model, tokenizer, gen_ids, max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
                                prompts=gen_prompts, guard=guard, progress=bar, hidden_token=hidden,
                                decode=lambda ids: conv.decode(tokenizer, ids))
     clock.lap("generation_seconds")
@@ -218,7 +228,8 @@ def evaluate_tofu(model, tokenizer, data, *, guard=None, retain_reference=None, 
     ev = {"format": FORMAT, "split": task.split, "source": "evaluate_tofu",
           "prompt_format": {"kind": fmt.kind, "system_prompt": fmt.system_prompt},
           "settings": {"max_new_tokens": max_new_tokens if generate else None, "max_length": max_length,
-                       "batch_size": batch_size, "guard": guard is not None, "mink_k": M.MINK_K,
+                       "batch_size": batch_size, "gen_batch_size": gen_batch_size if generate else None,
+                       "guard": guard is not None, "mink_k": M.MINK_K,
                        "truth_ratio": truth_ratio, "es_convention": es_convention, "compat": conv.name},
           "sets": cols}
     ev["summary"] = summarize(ev, ref, truth_ratio)  # without generation: ROUGE and utility null, with reason
