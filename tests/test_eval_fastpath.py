@@ -338,3 +338,26 @@ def test_generation_batch_size_from_memory_budget(make_tiny_model):
     assert generation_batch_size(config, [prompt] * 30, new, memory_gb=1e-9) == 1
     assert generation_batch_size(config, [prompt] * 30, new, memory_gb=2 * gib, dtype_bytes=2) > 20
     assert generation_batch_size(object(), [prompt] * 100, new) == FALLBACK_GEN_BATCH
+
+
+def test_tokenisation_is_reused_across_evaluations(make_tiny_model, tokenizer, small_task, monkeypatch):
+    """A second evaluation of the same rows with the same tokenizer, format and conventions reuses the first one's
+    tokenisation; another format or other rows do not; the numbers are those of a fresh tokenisation."""
+    import unlearnkit.eval.tofu as T
+
+    calls = []
+    real = T._encode_now
+    monkeypatch.setattr(T, "_encode_now", lambda *a: calls.append(a[1:4]) or real(*a))
+    monkeypatch.setattr(T, "_ENCODED", [])
+    a, b = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    kw = dict(generate=False, progress=False, only_sets=("forget", "holdout"))
+    first = evaluate_tofu(a, tokenizer, small_task, **kw)
+    evaluate_tofu(b, tokenizer, small_task, **kw)
+    assert len(calls) == 1
+    evaluate_tofu(b, tokenizer, small_task, fmt=PromptFormat("chat", SYSTEM), **kw)
+    evaluate_tofu(b, tokenizer, dataclasses.replace(small_task, forget=small_task.forget[:2]), **kw)
+    assert len(calls) == 3
+    again = evaluate_tofu(a, tokenizer, small_task, **kw)
+    assert len(calls) == 3 and again["sets"] == first["sets"]
+    monkeypatch.setattr(T, "_ENCODED", [])
+    assert evaluate_tofu(a, tokenizer, small_task, **kw)["sets"] == first["sets"] and len(calls) == 4

@@ -3,6 +3,8 @@ sequences of all sets, plus one pooled batched greedy generation. Per-sample val
 EVAL.json doubles as a TOFU-style log (eval aggregate / forget-quality reference)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -64,8 +66,27 @@ def task_sets(data, holdout: list[dict] | None = None, only_sets: tuple[str, ...
     return task, sets
 
 
+_ENCODED: list = []   # (key, tokenizer, encoded) of recent evaluations, newest last
+_ENCODED_KEEP = 4
+
+
 def _encode(tokenizer, sets, fmt, generate: bool, conv: Conventions = UNLEARNKIT):
-    """Token ids of every teacher-forced sequence and of every generation prompt (the one tokenisation)."""
+    """Token ids of every teacher-forced sequence and of every generation prompt (the one tokenisation).
+
+    The sets do not depend on the model, so evaluations in one process (sweeps, attacks, the demo's models) that
+    use the same tokenizer object, format, conventions and rows reuse the last few tokenisations (seconds each for
+    forget01). Callers get fresh outer lists; the token lists inside are shared and never modified."""
+    key = (fmt, conv, generate, hashlib.sha1(json.dumps(sets, sort_keys=True, default=str).encode()).hexdigest())
+    for k, tok, encoded in _ENCODED:
+        if k == key and tok is tokenizer:
+            return tuple(list(x) for x in encoded)
+    encoded = _encode_now(tokenizer, sets, fmt, generate, conv)
+    _ENCODED.append((key, tokenizer, encoded))
+    del _ENCODED[:-_ENCODED_KEEP]
+    return tuple(list(x) for x in encoded)
+
+
+def _encode_now(tokenizer, sets, fmt, generate: bool, conv: Conventions):
     seqs = list(eval_sequences(sets))
     examples = [conv.encode_qa(tokenizer, q, a, fmt) for _, _, _, q, a in seqs]
     gen_rows = [(name, i) for name in SETS if name in sets for i in range(len(sets[name]))] if generate else []
