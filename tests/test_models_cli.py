@@ -218,6 +218,11 @@ def test_prepare_cache_key_follows_model_content_and_settings(make_tiny_model, t
     assert prepared_dir("mini", str(path), cfg, fmt, 512, dtype="bf16") != second
     assert prepared_dir("mini", str(path), TrainConfig(**{**FINETUNE_DEFAULTS, "seed": 1}), fmt, 512) != second
     assert prepared_dir("mini", str(path), cfg, PromptFormat("plain"), 512) != second
+    # options that change how training runs, not what it computes, keep the cache (a new option must not force
+    # every user to fine-tune again)
+    for how in ({"checkpoint_every": 5}, {"fsdp": True}, {"activation_checkpointing": True},
+                {"fsdp": True, "offload": True}):
+        assert prepared_dir("mini", str(path), TrainConfig(**{**FINETUNE_DEFAULTS, **how}), fmt, 512) == second
 
 
 def test_prepare_refuses_a_foreign_folder_in_its_cache(tiny_model_dir, tmp_path, monkeypatch, capsys):

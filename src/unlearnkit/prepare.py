@@ -31,12 +31,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:] or "model"
 
 
+EXECUTION_ONLY = ("checkpoint_every", "fsdp", "activation_checkpointing", "offload")
+
+
 def prepared_dir(split: str, model: str | None, cfg: TrainConfig, fmt: PromptFormat, max_length: int,
                  dtype: str | None = "fp32") -> Path:
     """Cache folder keyed by the model's content (not its name: another model saved at the same path is another
     key), the split's training data and every setting that changes the result. Validates the model (cheap)."""
     task = tofu.task(split)
-    result_cfg = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}  # does not change the result
+    # How a run is executed (checkpoint cadence, sharding, recomputation, offload) does not change the model beyond
+    # float rounding, so it stays out of the key: caches survive new options of this kind.
+    result_cfg = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_ONLY}
     data = hashlib.sha256(json.dumps([task.train_target, task.train_retain], sort_keys=True,
                                      default=str).encode()).hexdigest()
     key = json.dumps({"model": str(model or DEFAULT_MODEL), "content": model_fingerprint(model), "split": split,
