@@ -267,4 +267,6 @@ def test_bench_eval_tofu_limit_2(tiny_model_dir, tmp_path, capsys):
     assert set(fig["summary_abs_diff"]) >= {"forget_prob", "forget_truth_ratio", "forget_rougeL_recall", "forget_es",
                                             "model_utility"}
     assert fig["per_sample_max_abs_diff"]["avg_gt_loss"] < 1e-4
+    # a loaded torch process holds well over 100 MiB; a unit slip (bytes vs KiB) would be off by 2**10
+    assert 0.1 < fig["ours_peak_rss_gib"] < 64
     capsys.readouterr()

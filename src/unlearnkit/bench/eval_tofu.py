@@ -15,6 +15,7 @@ their teacher-forced / generation parts, and the largest absolute difference of 
 column between the two (they must agree to the third decimal)."""
 from __future__ import annotations
 
+import resource
 import time
 
 from . import add_json_arg, emit
@@ -74,6 +75,8 @@ def run(args) -> int:
                          timings=ours_t)
     sync()
     t_ours = time.perf_counter() - t0
+    # the process's peak so far = model + our whole evaluation (the reference path has not run yet); Linux: KiB
+    ours_peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ref = reference_eval(model, tokenizer, sets, system_prompt=args.system_prompt, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens)
     diffs = compare(ours, ref)
@@ -85,6 +88,7 @@ def run(args) -> int:
                "teacher_forced_seconds": ref["seconds"]["teacher_forced"],
                "ours_generation_seconds": ours_t["generation_seconds"],
                "ours_teacher_forced_seconds": ours_t["teacher_forced_seconds"],
+               "ours_peak_rss_gib": ours_peak_rss_gib,
                "generation_speedup": ref["seconds"]["generation"] / max(ours_t["generation_seconds"], 1e-9),
                "teacher_forced_speedup": ref["seconds"]["teacher_forced"] / max(ours_t["teacher_forced_seconds"],
                                                                                1e-9),
