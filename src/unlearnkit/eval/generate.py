@@ -127,7 +127,7 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
     return out
 
 
-_GQA = "unlearnkit_sdpa_gqa"
+GROUPED_KV_ATTENTION = "unlearnkit_sdpa_gqa"  # the attention implementation grouped_kv_attention switches to
 
 
 def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -151,14 +151,16 @@ def _gqa_registered() -> bool:
         return False
     if "enable_gqa" not in (torch.nn.functional.scaled_dot_product_attention.__doc__ or ""):  # torch < 2.5
         return False
-    AttentionInterface.register(_GQA, _sdpa_gqa)
-    AttentionMaskInterface.register(_GQA, sdpa_mask)  # the masks transformers builds for sdpa
+    AttentionInterface.register(GROUPED_KV_ATTENTION, _sdpa_gqa)
+    AttentionMaskInterface.register(GROUPED_KV_ATTENTION, sdpa_mask)  # the masks transformers builds for sdpa
     return True
 
 
 @contextlib.contextmanager
-def grouped_kv_attention(model):
-    """While decoding on CPU, an sdpa model attends through _sdpa_gqa.
+def grouped_kv_attention(model, enabled: bool = True):
+    """While decoding on CPU, an sdpa model attends through _sdpa_gqa (attention implementation
+    GROUPED_KV_ATTENTION). enabled=False leaves the model as it is (transformers' own sdpa with repeat_kv): the
+    switch `unlearnkit bench generate` times the stock path with.
 
     With an attention mask (left padding), transformers' sdpa path copies every key/value head group-times per
     layer and step (repeat_kv: SmolLM2 has 3 KV heads for 9 query heads) — over half of a CPU decode step at batch
@@ -166,13 +168,13 @@ def grouped_kv_attention(model):
     outputs (tests/test_eval_fastpath.py). Elsewhere nothing changes: on GPU enable_gqa with a mask leaves the fused
     kernels; eager or other attention implementations, and configs with sub-configs, are left alone."""
     config = getattr(model, "config", None)
-    use = (config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
+    use = (enabled and config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
            and not getattr(config, "sub_configs", None) and next(model.parameters()).device.type == "cpu"
            and _gqa_registered())
     if not use:
         yield
         return
-    config._attn_implementation = _GQA
+    config._attn_implementation = GROUPED_KV_ATTENTION
     try:
         yield
     finally:
@@ -247,8 +249,10 @@ def _growing_layer_class():
     return GrowingLayer
 
 
-def _grow_in_place(cache) -> None:
-    """Plain DynamicLayers become GrowingLayers (same tensors, same numbers)."""
+def add_kv_buffer(cache) -> None:
+    """Give a KV cache the buffer with room: its plain DynamicLayers become GrowingLayers (same tensors, same
+    numbers; the next update allocates the room). Our decoding loop calls it after each first prefill; without it a
+    cache appends with torch.cat as transformers' does (`unlearnkit bench generate` times both)."""
     from transformers.cache_utils import DynamicLayer
 
     for layer in getattr(cache, "layers", ()):
@@ -318,7 +322,7 @@ def _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_s
             else:
                 cache, attn, positions, pending = out.past_key_values, new_attn, new_positions[:, -1:], token
                 can_join = join and _mergeable(cache)
-                _grow_in_place(cache)
+                add_kv_buffer(cache)
             rows += idx
             fresh = range(len(rows) - len(idx), len(rows))
         else:
