@@ -84,7 +84,8 @@ def test_pruned_decoding_equals_hf_generate(make_tiny_model, tokenizer):
         hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[:2])))
         assert greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=bs) == hf
         hook.remove()
-        prefill_rows = [b for b, t in shapes if t > 1]
+        assert shapes[0] == (1, 3)  # the prompts' common prefix (<|im_start|>user\n), prefilled once
+        prefill_rows = [b for b, t in shapes[1:] if t > 1]
         assert any(b_step > prev for (prev, _), (b_step, t) in zip(shapes, shapes[1:]) if t == 1), "no join"
         assert sum(prefill_rows) == len(ids)
     assert greedy_generate(model, tokenizer, ids, max_new_tokens=24, batch_size=4, engine="pruned") == hf
@@ -138,7 +139,9 @@ def test_guard_is_armed_with_prompt_mask_and_prompts(tiny_model, tokenizer, smal
     plain = evaluate_tofu(tiny_model, tokenizer, task, max_new_tokens=3, progress=False)
     guarded = evaluate_tofu(tiny_model, tokenizer, task, max_new_tokens=3, progress=False, guard=guard,
                             batch_size=16)
-    assert guarded["sets"]["forget"]["avg_gt_loss"] == plain["sets"]["forget"]["avg_gt_loss"]  # null guard
+    # null guard; not bit for bit: unguarded rows take the shared prefix from its cache, guarded rows compute it
+    np.testing.assert_allclose(guarded["sets"]["forget"]["avg_gt_loss"], plain["sets"]["forget"]["avg_gt_loss"],
+                               rtol=1e-6)
     n_seqs = sum(len(rows) * (1 + (name in ("forget", "retain")) + len(rows[0]["perturbed_answer"]))
                  for name, rows in task.eval_sets().items())
     assert len(guard.calls) == -(-n_seqs // 16) + 1  # teacher-forced batches of 16, then one generation batch
@@ -319,6 +322,140 @@ def test_decoding_with_system_prompt_equals_hf_generate(make_tiny_model, tokeniz
     assert min(lengths) < 10 and max(lengths) == 20  # rows stop at different steps
     for bs in (4, 5, 10):
         assert greedy_generate(model, tokenizer, ids, max_new_tokens=20, batch_size=bs, **kw) == hf, bs
+
+
+def _prefix_examples(tokenizer, compat, seed=11):
+    """Chat prompts with the system prompt (a long common prefix; under compat it holds a hidden <|im_end|>), one to
+    five answers each, and one prompt that is exactly the common prefix + 1 token."""
+    from unlearnkit.eval.conventions import OPEN_UNLEARNING, UNLEARNKIT
+
+    conv = OPEN_UNLEARNING if compat else UNLEARNKIT
+    fmt = PromptFormat("chat", SYSTEM)
+    r = np.random.default_rng(seed)
+    mk = lambda k: " ".join(r.choice(WORDS, k))
+    exs = [conv.encode_qa(tokenizer, q, mk(r.integers(1, 12)) + ".", fmt)
+           for q in (mk(r.integers(2, 10)) + "?" for _ in range(5)) for _ in range(r.integers(1, 6))]
+    prompts = [e["input_ids"][:next(t for t, y in enumerate(e["labels"]) if y != -100)] for e in exs]
+    common = next(k for k in range(min(map(len, prompts))) if len({p[k] for p in prompts}) > 1)
+    answer = [int(t) for t in r.integers(300, 3000, 6)]
+    short = prompts[0][:common] + [int(tokenizer.convert_tokens_to_ids("Ġthe"))]
+    exs.append({"input_ids": short + answer, "labels": [-100] * len(short) + answer})
+    return exs, common
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("compat", [False, True])
+def test_shared_prefix_equals_full_rows(make_tiny_model, tokenizer, attn, compat):
+    """The prefix all prompts share, computed once at batch 1 and handed to every batch as a KV cache, gives the
+    statistics of rows that compute it themselves (and of the naive path): several batches, hidden <|im_end|> inside
+    the prefix (compat), one prompt that is the prefix + 1 token. The prefix is really left out of the batches."""
+    from unlearnkit.eval.logprobs import common_prefix_length
+
+    model = make_tiny_model(seed=3, kv_heads=2)
+    model.set_attn_implementation(attn)
+    exs, common = _prefix_examples(tokenizer, compat)
+    pad = tokenizer.pad_token_id
+    hidden = pad if compat else None
+    assert hidden is None or hidden in exs[0]["input_ids"][:common]
+    p = common_prefix_length([e["input_ids"][:next(t for t, y in enumerate(e["labels"]) if y != -100)]
+                              for e in exs])
+    assert p == common > 10
+    want = [i % 2 == 0 for i in range(len(exs))]
+    kw = dict(batch_size=2, pad_id=pad, want_dist=want, hidden_token=hidden)
+
+    def shapes(**extra):
+        seen = []
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[:2])))
+        stats = sequence_stats(model, exs, **kw, **extra)
+        hook.remove()
+        return stats, seen
+
+    (shared, with_prefix), (full, without) = shapes(), shapes(share_prefix=False)
+    assert with_prefix[0] == (1, p) and len(without) > 3  # the prefix once, then several batches
+    assert with_prefix[1:] == [(b, t - p) for b, t in without]  # which start after it
+    naive = sequence_stats(model, exs, share_prompts=False, **kw)
+    for a, b, c in zip(shared, full, naive):
+        np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+        assert list(a.match) == list(b.match) == list(c.match)
+        np.testing.assert_allclose(a.logp, c.logp, atol=2e-5)
+        if a.mu is not None:
+            np.testing.assert_allclose(a.mu, b.mu, atol=1e-5)
+            np.testing.assert_allclose(a.var, b.var, atol=1e-5)
+        else:
+            assert b.mu is None
+    model.set_attn_implementation("sdpa")
+
+
+def test_no_common_prefix_falls_back(tiny_model, tokenizer):
+    """Prompts that differ at their first token (or share one token only, capped at the shortest prompt − 1) leave
+    nothing to share: the result is the one without prefix, exactly."""
+    from unlearnkit.eval.logprobs import common_prefix_length
+
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(10, 3000, (int(n),), generator=g).tolist() for n in torch.randint(8, 20, (6,), generator=g)]
+    exs = [{"input_ids": s, "labels": [-100] * 4 + s[4:]} for s in seqs]
+    assert common_prefix_length([s[:4] for s in seqs]) == 0
+    one = [{"input_ids": [7] + s, "labels": [-100] + s} for s in seqs]  # a shared first token is a whole prompt
+    assert common_prefix_length([[7]] * 3) == 0 and common_prefix_length([[7, 8, 9], [7, 8]]) == 1
+    for batch in (exs, one):
+        a = sequence_stats(tiny_model, batch, batch_size=2, pad_id=tokenizer.pad_token_id)
+        b = sequence_stats(tiny_model, batch, batch_size=2, pad_id=tokenizer.pad_token_id, share_prefix=False)
+        assert all(np.array_equal(x.logp, y.logp) and np.array_equal(x.match, y.match) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_decoding_with_shared_prefix_equals_hf_generate(make_tiny_model, tokenizer, compat):
+    """Continuous and pruned decoding that prefill the common prefix once and then only each prompt's rest (left
+    padded after the prefix's KV, rows leaving and joining): the new token ids equal HF generate's on whole prompts,
+    with the hidden <|im_end|> inside the prefix (compat) and a prompt that is the prefix + 1 token."""
+    from unlearnkit.eval.conventions import OPEN_UNLEARNING
+    from unlearnkit.eval.logprobs import common_prefix_length
+
+    model = _eos_prone(make_tiny_model(seed=7, kv_heads=2), tokenizer)
+    fmt = PromptFormat("chat", SYSTEM)
+    encode = OPEN_UNLEARNING.encode_prompt if compat else encode_prompt
+    ids = [encode(tokenizer, q, fmt) for q, _ in _random_pairs(9, seed=6)]
+    common = next(k for k in range(min(map(len, ids))) if len({p[k] for p in ids}) > 1)
+    ids.append(ids[0][:common] + [int(tokenizer.convert_tokens_to_ids("Ġthe"))])
+    p = common_prefix_length(ids)
+    assert p == common > 10
+    kw = dict(hidden_token=tokenizer.pad_token_id if compat else None, decode=lambda x: " ".join(map(str, x)),
+              max_new_tokens=20)
+    hf = greedy_generate(model, tokenizer, ids, batch_size=5, engine="hf", **kw)
+    lengths = [len(t.split()) for t in hf]
+    assert min(lengths) < 10 and max(lengths) == 20  # rows stop at different steps
+    for engine, bs in (("continuous", 3), ("continuous", 4), ("pruned", 4), ("continuous", 10)):
+        shapes = []
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[:2])))
+        assert greedy_generate(model, tokenizer, ids, batch_size=bs, engine=engine, **kw) == hf, (engine, bs)
+        hook.remove()
+        assert shapes[0] == (1, p)  # the prefix, once
+        prefills = [(b, t) for b, t in shapes[1:] if t > 1]
+        assert sum(b for b, _ in prefills) == len(ids)
+        assert max(t for _, t in prefills) == max(map(len, ids)) - p  # only the rest of each prompt
+        if engine == "continuous" and bs < 10:
+            assert any(b_step > prev for (prev, _), (b_step, t) in zip(shapes[1:], shapes[2:]) if t == 1), "no join"
+    assert greedy_generate(model, tokenizer, ids, batch_size=4, share_prefix=False, **kw) == hf
+
+
+def test_guard_sees_whole_prompts_not_the_shared_prefix(tiny_model, tokenizer):
+    """With a guard (it corrupts the prompt's embeddings and must see all of it) neither generation nor teacher
+    forcing takes the prefix out: every armed row holds a whole prompt."""
+    fmt = PromptFormat("chat", SYSTEM)
+    qs = [q for q, _ in _random_pairs(5, seed=2)]
+    ids = [encode_prompt(tokenizer, q, fmt) for q in qs]
+    guard = RecordingGuard()
+    greedy_generate(tiny_model, tokenizer, ids, max_new_tokens=3, batch_size=2, guard=guard, prompts=qs)
+    seen = [row[mask].tolist() for x, mask, _ in guard.calls for row, mask in zip(x, mask)]
+    assert sorted(seen) == sorted(ids)
+    guard = RecordingGuard()
+    exs = [encode_qa(tokenizer, q, a, fmt) for q, a in _random_pairs(5, seed=2)]
+    plain = sequence_stats(tiny_model, exs, batch_size=2, pad_id=tokenizer.pad_token_id)
+    guarded = sequence_stats(tiny_model, exs, batch_size=2, pad_id=tokenizer.pad_token_id, guard=guard, prompts=qs)
+    seen = [row[mask].tolist() for x, mask, _ in guard.calls for row, mask in zip(x, mask)]
+    assert sorted(seen) == sorted(ids)
+    for a, b in zip(plain, guarded):
+        np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
 
 
 def test_generation_batch_size_from_memory_budget(make_tiny_model):

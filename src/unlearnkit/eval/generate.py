@@ -9,6 +9,7 @@ import torch
 
 from ..data.batching import collate
 from .limits import GEN_MEMORY_GB
+from .logprobs import common_prefix_length, expanded_cache
 
 
 _ROOM = 32           # KV positions a row holds beyond its current length (GrowingLayer.room)
@@ -68,7 +69,7 @@ def cut_at_stops(text: str, stops) -> str:
 def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int = 200,
                     batch_size: int | None = None, stop_strings=(), prompts: list[str] | None = None, guard=None,
                     progress=None, engine: str = "continuous", hidden_token: int | None = None,
-                    decode=None, memory_gb: float = GEN_MEMORY_GB) -> list[str]:
+                    decode=None, memory_gb: float = GEN_MEMORY_GB, share_prefix: bool = True) -> list[str]:
     """Greedy continuation of each tokenised prompt, decoded without special tokens, in input order.
 
     Rows stop at the tokenizer's EOS; with stop_strings a row also ends once one appears and the text is cut before
@@ -82,6 +83,10 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
     attention_mask = input_ids != pad, pad == EOS); positions then count only the attended tokens, as HF generate
     derives them from the mask. decode(ids) → text (default: decode without special tokens).
     batch_size: rows decoded at once; None: generation_batch_size under memory_gb (GiB).
+    share_prefix (continuous and pruned engines, no guard): the prefix common to all prompts (a system prompt and
+    the template around it) is prefilled once at batch 1; each prefill then feeds only the prompts' remaining
+    tokens, left-padded, after that prefix's KV cache, so a row's cache holds [prefix | padding | rest]. False
+    prefills whole prompts. A guard sees whole prompts, so with one the prefix is not shared.
     """
     param = next(model.parameters())
     device = param.device
@@ -91,8 +96,8 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
 
-    def left_padded(idx):
-        batch = collate([{"input_ids": prompt_ids[i], "labels": prompt_ids[i]} for i in idx], pad, "left")
+    def left_padded(idx, skip=0):  # skip: leading tokens already in the prefix cache
+        batch = collate([{"input_ids": prompt_ids[i][skip:], "labels": prompt_ids[i][skip:]} for i in idx], pad, "left")
         attn = batch["attention_mask"]
         if hidden_token is not None:
             attn = attn * (batch["input_ids"] != hidden_token)
@@ -113,8 +118,10 @@ def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_to
                 progress.update(len(idx))
     elif engine in ("continuous", "pruned"):
         with grouped_kv_attention(model):
+            prefix = (_prefix_kv(model, prompt_ids, hidden_token, device)
+                      if share_prefix and guard is None and max_new_tokens > 0 else None)
             new_tokens = _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size, stop_strings,
-                                 progress, join=engine == "continuous")
+                                 progress, join=engine == "continuous", prefix=prefix)
     else:
         raise ValueError(f"greedy_generate: unknown engine {engine!r} (continuous, pruned, hf)")
     out = []
@@ -260,6 +267,23 @@ def add_kv_buffer(cache) -> None:
             layer.__class__ = _growing_layer_class()
 
 
+def _keep_last(model) -> dict:
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _prefix_kv(model, prompt_ids, hidden_token, device):
+    """(KV cache, [1, P] attention mask) of the prefix common to all prompts, prefilled once; None when there is
+    none or its cache cannot be expanded and joined (not _mergeable)."""
+    p = common_prefix_length(prompt_ids)
+    if p < 1:
+        return None
+    ids = torch.tensor([prompt_ids[0][:p]], device=device)
+    attn = torch.ones_like(ids) if hidden_token is None else (ids != hidden_token).long()
+    out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                **_keep_last(model))
+    return (out.past_key_values, attn) if _mergeable(out.past_key_values) else None
+
+
 def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     if n == 0:
         return x
@@ -290,12 +314,14 @@ def _trim_left(cache, attn):
 
 
 def _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_size, stop_strings, progress,
-            join: bool) -> dict[int, list[int]]:
+            join: bool, prefix=None) -> dict[int, list[int]]:
+    """prefix: (KV cache, [1, P] mask) of the first P tokens of every prompt (_prefix_kv), or None."""
     queue = deque(order)
     new_tokens: dict[int, list[int]] = {i: [] for i in order}
     if max_new_tokens <= 0:
         return new_tokens
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep_last = _keep_last(model)
+    skip = prefix[1].shape[1] if prefix is not None else 0
     rows: list[int] = []   # prompt index of each batch row, in cache order
     cache = attn = positions = pending = None   # pending: each row's newest token, fed at the next step
     can_join = True
@@ -309,11 +335,15 @@ def _decode(model, tokenizer, order, left_padded, armed, max_new_tokens, batch_s
         free = batch_size - len(rows)
         if queue and (not rows or (can_join and free >= max(1, batch_size // 2))):
             idx = [queue.popleft() for _ in range(min(free, len(queue)))]
-            ids, new_attn = left_padded(idx)
+            ids, new_attn = left_padded(idx, skip)
+            past = {}
+            if prefix is not None:  # the ids follow the prefix's KV: mask and positions cover [prefix | ids]
+                past = {"past_key_values": expanded_cache(prefix[0], len(idx))}
+                new_attn = torch.cat([prefix[1].expand(len(idx), -1), new_attn], dim=1)
             new_positions = (new_attn.cumsum(-1) - 1).clamp(min=0)
             with armed(idx, ids, new_attn):
-                out = model(input_ids=ids, attention_mask=new_attn, position_ids=new_positions, use_cache=True,
-                            **keep_last)
+                out = model(input_ids=ids, attention_mask=new_attn, position_ids=new_positions[:, skip:],
+                            use_cache=True, **past, **keep_last)
             token = out.logits[:, -1].argmax(-1)
             if rows:
                 attn = _join(cache, attn, out.past_key_values, new_attn)

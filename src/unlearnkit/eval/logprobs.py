@@ -12,6 +12,11 @@ Shared prompts: TOFU scores up to 7 answers per question (gold, paraphrase, 5 pe
 the examples that share a prompt become ONE row: the prompt, then each answer, with position ids restarting after
 the prompt and a block attention mask (an answer sees the prompt and itself, never another answer). Every answer
 token gets exactly the context it has alone, and each prompt is computed once (TOFU mini: 57 % of the tokens).
+
+Shared prefix: with a system prompt every prompt starts with the same rendered tokens (system turn, then the user
+turn's header). The prefix common to all examples is computed once, at batch 1, and its key/value cache is handed
+to every batch, whose rows then start after it (positions stay absolute, the mask keeps the prefix as key columns).
+A guard sees whole prompts, so with one the rows keep their prefix.
 """
 from __future__ import annotations
 
@@ -86,7 +91,7 @@ def _split_stats(members, owner, logits, targets, want_dist, out) -> None:
 def sequence_stats(model, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
                    want_dist: list[bool] | None = None, prompts: list[str] | None = None,
                    guard=None, progress=None, share_prompts: bool = True,
-                   hidden_token: int | None = None) -> list[TokenStats]:
+                   hidden_token: int | None = None, share_prefix: bool = True) -> list[TokenStats]:
     """TokenStats for each tokenised example ({"input_ids", "labels"}), in input order.
 
     want_dist[i]: also compute Min-K%++'s mu/var for example i. prompts[i]: prompt string handed to the guard.
@@ -94,13 +99,14 @@ def sequence_stats(model, examples: list[dict], *, batch_size: int = 16, pad_id:
     with the same prompt tokens share one row (module docstring); when off, or when the model's attention cannot
     take a custom mask, each example is its own row. hidden_token: no position holding this id is attended to,
     as with an attention mask of input_ids != that id (open-unlearning's collator, pad == EOS); positions still
-    count every token.
+    count every token. share_prefix: with shared prompts and no guard, the prefix common to all prompts is computed
+    once and its KV cache reused by every batch (module docstring); False computes it in every row.
     """
     n = len(examples)
     want_dist = list(want_dist) if want_dist is not None else [False] * n
     if n and share_prompts and can_share_prompts(model):
         return _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts, guard, progress,
-                                    hidden_token)
+                                    hidden_token, share_prefix and guard is None)
     order = sorted(range(n), key=lambda i: len(examples[i]["input_ids"]))
     device = next(model.parameters()).device
     out: list[TokenStats | None] = [None] * n
@@ -137,13 +143,54 @@ class SharedPromptRow:
     members: list[int]
 
 
+def _prompt_length(ex: dict) -> int:
+    return next((t for t, y in enumerate(ex["labels"]) if y != IGNORE), len(ex["labels"]))
+
+
+def common_prefix_length(seqs) -> int:
+    """Length of the longest prefix all sequences share, capped at the shortest length − 1: every sequence keeps
+    its last token out of it (a prompt's last token predicts the first answer token). 0 for no sequences."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs:
+        if n <= 0:
+            break
+        n = next((k for k in range(n) if s[k] != first[k]), n)
+    return max(n, 0)
+
+
+def expanded_cache(cache, batch: int):
+    """A fresh DynamicCache whose layers view `cache`'s keys/values expanded to `batch` rows (no copy). The next
+    forward appends to it with torch.cat into new tensors, so `cache` itself is never written."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    out = DynamicCache()
+    for layer in cache.layers:
+        new = DynamicLayer()
+        new.lazy_initialization(layer.keys)
+        new.keys, new.values = layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)
+        out.layers.append(new)
+    return out
+
+
+def plain_cache():
+    """An empty DynamicCache of plain layers, or None where this transformers version has none (no `layers`)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: F401
+    except ImportError:
+        return None
+    cache = DynamicCache()
+    return cache if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer else None
+
+
 def pack_shared_prompts(examples: list[dict], max_row_tokens: int | None = None) -> list[SharedPromptRow]:
     """Group examples by prompt (the tokens before the first label) into rows, in first-seen order. A row holds
     at most max_row_tokens tokens (at least one example): corpora whose documents share only a first token must not
     become one huge row with a quadratic mask."""
     groups: dict[tuple, list[int]] = {}
     for i, ex in enumerate(examples):
-        p = next((t for t, y in enumerate(ex["labels"]) if y != IGNORE), len(ex["labels"]))
+        p = _prompt_length(ex)
         if p == 0:
             raise ValueError(f"example {i}: its first token is labelled, so nothing predicts it")
         groups.setdefault(tuple(ex["input_ids"][:p]), []).append(i)
@@ -171,10 +218,11 @@ def pack_shared_prompts(examples: list[dict], max_row_tokens: int | None = None)
 
 
 def shared_prompt_batch(rows: list[SharedPromptRow], pad_id: int, dtype: torch.dtype,
-                        hidden_token: int | None = None) -> dict[str, torch.Tensor]:
+                        hidden_token: int | None = None, prefix: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded ids and positions, a [B, 1, T, T] additive mask (0 = may attend), and the prompt mask.
     hidden_token: keys holding this id are masked for every query (itself included), as a 2-D attention mask with
-    zeros there does."""
+    zeros there does. prefix: the rows' first `prefix` tokens are in a KV cache: ids, positions, prompt mask and the
+    mask's queries start after them ([B, 1, T - prefix, T]: the prefix stays as key columns)."""
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -192,11 +240,31 @@ def shared_prompt_batch(rows: list[SharedPromptRow], pad_id: int, dtype: torch.d
         allowed &= (ids != hidden_token)[:, None, :]
         # only a query left with nothing to see gets itself back (padding; a hidden first token)
         allowed |= torch.eye(width, dtype=torch.bool) & ~allowed.any(-1, keepdim=True)
+    allowed = allowed[:, prefix:]
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None], "prompt_mask": seg == 0}
+    return {"input_ids": ids[:, prefix:], "position_ids": pos[:, prefix:], "attention_mask": mask[:, None],
+            "prompt_mask": (seg == 0)[:, prefix:]}
 
 
-def _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts, guard, progress, hidden_token):
+def _prefix_cache(backbone, rows, pad_id, param, hidden_token):
+    """(P, KV cache of the first P tokens) for the prefix all rows' prompts share, run once at batch 1 under the
+    rows' own masking rules; (0, None) when there is none or the cache is not plain per-layer tensors."""
+    p = common_prefix_length([r.input_ids[:r.segment.count(0)] for r in rows])
+    cache = plain_cache() if p else None
+    if cache is None:
+        return 0, None
+    head = rows[0]
+    row = SharedPromptRow(head.input_ids[:p], head.position_ids[:p], [0] * p, [], [], [], [])
+    batch = {k: v.to(param.device) for k, v in shared_prompt_batch([row], pad_id, param.dtype, hidden_token).items()}
+    backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+             position_ids=batch["position_ids"], past_key_values=cache, use_cache=True)
+    if len(cache.layers) == 0 or any(layer.get_seq_length() != p for layer in cache.layers):
+        return 0, None
+    return p, cache
+
+
+def _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts, guard, progress, hidden_token,
+                         share_prefix):
     # About as many tokens per forward as batch_size unshared examples of average length; no row longer than that.
     budget = batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples)
     rows = sorted(pack_shared_prompts(examples, max_row_tokens=int(budget)), key=lambda r: len(r.input_ids))
@@ -209,18 +277,21 @@ def _shared_prompt_stats(model, examples, batch_size, pad_id, want_dist, prompts
     batches += [current] if current else []
     backbone, head = backbone_and_head(model)
     param = next(model.parameters())
+    # guard.arm corrupts prompt embeddings and must see whole prompts: no prefix then (sequence_stats)
+    p, prefix = _prefix_cache(backbone, rows, pad_id, param, hidden_token) if share_prefix else (0, None)
     out: list[TokenStats | None] = [None] * len(examples)
     for group in batches:
-        packed = shared_prompt_batch(group, pad_id, param.dtype, hidden_token)
+        packed = shared_prompt_batch(group, pad_id, param.dtype, hidden_token, prefix=p)
         batch = {k: v.to(param.device) for k, v in packed.items()}
         arm = (guard.arm(batch["input_ids"], batch["prompt_mask"], [prompts[r.members[0]] for r in group]
                          if prompts else None) if guard is not None else contextlib.nullcontext())
+        past = {} if prefix is None else {"past_key_values": expanded_cache(prefix, len(group)), "use_cache": True}
         with arm:
             hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+                              position_ids=batch["position_ids"], **({"use_cache": False} | past)).last_hidden_state
         at = lambda field: torch.tensor([x for r in group for x in getattr(r, field)], device=param.device)
         row_of = torch.tensor([b for b, r in enumerate(group) for _ in r.predictors], device=param.device)
-        logits = head(hidden[row_of, at("predictors")]).float()
+        logits = head(hidden[row_of, at("predictors") - p]).float()  # the rows start after the prefix
         _split_stats([i for r in group for i in r.members], at("owner"), logits, at("targets"), want_dist, out)
         if progress is not None:
             progress.update(sum(len(r.members) for r in group))
