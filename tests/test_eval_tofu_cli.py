@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -23,6 +24,7 @@ def test_eval_tofu_cli_with_retain_model(tiny_model_dir, tmp_path, capsys):
     assert (out / "retain" / "EVAL.json").is_file()
     printed = capsys.readouterr().out
     assert "model_utility" in printed and "forget_quality" in printed
+    assert re.search(r"model evaluation: teacher-forced \d+\.\d s, generation \d+\.\d s", printed)
     # the written EVAL.json re-aggregates to the same numbers, with it as its own retain log
     assert main(["eval", "aggregate", str(out / "EVAL.json"), "--retain-log", str(out / "retain"),
                  "--out", str(tmp_path / "agg")]) == 0
