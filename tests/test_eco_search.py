@@ -48,6 +48,8 @@ def test_forget_metric_with_guard(tiny_model, tokenizer):
     for name in ("prob", "truth_ratio"):
         v = forget_metric(tiny_model, tokenizer, rows, metric=name, guard_factory=factory)
         plain = v(None)
-        assert v(0.0) == pytest.approx(plain, rel=1e-9)  # zero noise = no corruption
+        # zero noise = no corruption (unguarded scoring reuses the shared prefix's KV cache, a guarded one
+        # recomputes it in every row: the same numbers up to float summation order)
+        assert v(0.0) == pytest.approx(plain, rel=1e-6)
         assert v(5.0) != pytest.approx(plain, rel=1e-4)
         assert 0 < plain <= 1
