@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from . import provenance
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # before any tensor: every batch then reuses freed memory (allocator.py)
 
     provenance.start(sys.argv[1:] if argv is None else list(argv))
     try:

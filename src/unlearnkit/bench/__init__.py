@@ -11,11 +11,11 @@ JSON_KEY = "bench"  # every figures file we write holds it: only such a file is 
 
 
 def add_bench_commands(sub) -> None:
-    from . import eco, eval as eval_bench, eval_tofu, finetune, fsdp, gcg, generate, npo, rmu, serve, sweep
+    from . import allocator, eco, eval as eval_bench, eval_tofu, finetune, fsdp, gcg, generate, npo, rmu, serve, sweep
 
     p = sub.add_parser("bench", help="benchmarks: ratios measured in one run (--json PATH writes the figures)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for module in (finetune, eval_bench, eval_tofu, generate, rmu, npo, fsdp, eco, serve, gcg, sweep):
+    for module in (allocator, finetune, eval_bench, eval_tofu, generate, rmu, npo, fsdp, eco, serve, gcg, sweep):
         module.add_command(bsub)
     for parser in bsub.choices.values():
         run = parser.get_default("func")
