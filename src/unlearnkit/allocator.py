@@ -3,7 +3,7 @@
 glibc's malloc serves a block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh mmap and
 unmaps it on free, and trims the heap's free top. torch's CPU tensors come from malloc, so every batch's
 activations, logits and KV growth are new pages: each is faulted in and zeroed by the kernel again, batch after
-batch. On a 2-core VM this costs a third of a teacher-forced evaluation (docs/results.md, `bench allocator`).
+batch. On a 2-core VM that is millions of page faults per evaluation (docs/results.md, `bench allocator`).
 Raising both thresholds keeps freed blocks for the next batch, which reuses them. Numbers do not change; the
 process keeps its peak heap until it exits.
 
