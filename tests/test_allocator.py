@@ -10,14 +10,19 @@ import torch
 
 from unlearnkit import allocator
 from unlearnkit.data import tofu
+from unlearnkit.cli import main
+from unlearnkit.errors import UserError
 from unlearnkit.eval import evaluate_tofu
 
 
-def test_opt_outs(monkeypatch):
+def test_opt_outs(monkeypatch, capsys):
     monkeypatch.setenv(allocator.ENV, "default")
     assert allocator.keep_freed_memory() == "default"
     monkeypatch.setenv(allocator.ENV, "bogus")
-    assert "not one of" in allocator.keep_freed_memory()
+    with pytest.raises(UserError, match="UNLEARNKIT_MALLOC='bogus'"):
+        allocator.keep_freed_memory()
+    assert main(["bench", "allocator", "--limit", "0"]) == 2  # before any option or work
+    assert "UNLEARNKIT_MALLOC='bogus'" in capsys.readouterr().err
     monkeypatch.delenv(allocator.ENV)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert allocator.keep_freed_memory() == "the user's MALLOC_* settings"

@@ -23,10 +23,13 @@ _THRESHOLDS = (1 << 30, 32 << 20)     # glibc before 2.35 refuses an mmap thresh
 
 
 def keep_freed_memory() -> str:
-    """Raise glibc's mmap and trim thresholds for this process. Returns what was done: "keep", or why not."""
+    """Raise glibc's mmap and trim thresholds for this process. Returns what was done: "keep", or why not.
+    A bad UNLEARNKIT_MALLOC value is a UserError."""
     mode = os.environ.get(ENV, "keep")
     if mode not in MODES:
-        return f"{ENV}={mode!r} is not one of {', '.join(MODES)}: glibc left as it is"
+        from .errors import UserError
+
+        raise UserError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "default":
         return "default"
     if any(os.environ.get(v) for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):

@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import provenance
     from .allocator import keep_freed_memory
 
-    keep_freed_memory()  # before any tensor: every batch then reuses freed memory (allocator.py)
-
     provenance.start(sys.argv[1:] if argv is None else list(argv))
     try:
+        keep_freed_memory()  # before any tensor: every batch then reuses freed memory (allocator.py)
         result = args.func(args)
     except UserError as e:
         print(f"unlearnkit: error: {e}", file=sys.stderr)
