@@ -24,6 +24,8 @@ def test_opt_outs(monkeypatch, capsys):
     assert main(["bench", "allocator", "--limit", "0"]) == 2  # before any option or work
     assert "UNLEARNKIT_MALLOC='bogus'" in capsys.readouterr().err
     monkeypatch.delenv(allocator.ENV)
+    assert allocator.keep_freed_memory() == "default"  # opt-in: unset leaves glibc as it is
+    monkeypatch.setenv(allocator.ENV, "keep")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert allocator.keep_freed_memory() == "the user's MALLOC_* settings"
 
@@ -34,7 +36,7 @@ def test_evaluation_is_unchanged_on_reused_memory(monkeypatch, tiny_model, token
     small_task = dataclasses.replace(t, forget=t.forget[:5], retain_eval=t.retain_eval[:4], real_authors=[],
                                      world_facts=[], holdout=t.holdout[:5])
     before = evaluate_tofu(tiny_model, tokenizer, small_task, batch_size=3, max_new_tokens=8, progress=False)
-    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setenv(allocator.ENV, "keep")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert allocator.keep_freed_memory() == "keep"

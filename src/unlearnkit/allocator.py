@@ -7,16 +7,18 @@ batch. On a 2-core VM that is millions of page faults per evaluation (docs/resul
 Raising both thresholds keeps freed blocks for the next batch, which reuses them. Numbers do not change; the
 process keeps its peak heap until it exits.
 
-The CLI calls keep_freed_memory() at start; API users may call it themselves. Nothing happens off glibc, when the
-user set glibc's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ themselves, or with UNLEARNKIT_MALLOC=default
-(glibc's behaviour, for comparisons).
+It is opt-in: UNLEARNKIT_MALLOC=keep. The price is peak memory: freed blocks of one shape are not always reusable
+by the next, so how the heap fragments decides the peak, which then varies from run to run and can exceed glibc's
+by a lot (docs/results.md); glibc's behaviour (UNLEARNKIT_MALLOC=default, or unset) keeps it predictable.
+The CLI calls keep_freed_memory() at start; API users may call it themselves. Nothing happens off glibc, or when the
+user set glibc's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ themselves.
 """
 from __future__ import annotations
 
 import os
 import platform
 
-ENV = "UNLEARNKIT_MALLOC"             # "default": leave glibc as it is
+ENV = "UNLEARNKIT_MALLOC"             # "keep": raise the thresholds; "default" (or unset): leave glibc as it is
 MODES = ("keep", "default")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
 _THRESHOLDS = (1 << 30, 32 << 20)     # glibc before 2.35 refuses an mmap threshold above 32 MiB: then that
@@ -25,7 +27,7 @@ _THRESHOLDS = (1 << 30, 32 << 20)     # glibc before 2.35 refuses an mmap thresh
 def keep_freed_memory() -> str:
     """Raise glibc's mmap and trim thresholds for this process. Returns what was done: "keep", or why not.
     A bad UNLEARNKIT_MALLOC value is a UserError."""
-    mode = os.environ.get(ENV, "keep")
+    mode = os.environ.get(ENV, "default")
     if mode not in MODES:
         from .errors import UserError
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     provenance.start(sys.argv[1:] if argv is None else list(argv))
     try:
-        keep_freed_memory()  # before any tensor: every batch then reuses freed memory (allocator.py)
+        keep_freed_memory()  # before any tensor; acts only with UNLEARNKIT_MALLOC=keep (allocator.py)
         result = args.func(args)
     except UserError as e:
         print(f"unlearnkit: error: {e}", file=sys.stderr)

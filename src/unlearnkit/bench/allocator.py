@@ -1,5 +1,5 @@
 """`unlearnkit bench allocator`: one `eval tofu` with glibc's malloc as it is against the same command with freed
-memory kept in the process (allocator.py, what every CLI command does), alternated in fresh processes in one run.
+memory kept in the process (allocator.py, UNLEARNKIT_MALLOC=keep), alternated in fresh processes in one run.
 
 The figures: each setting's best and mean wall time, its minor page faults and kernel (system) seconds per run
 (getrusage of the child), speedup = default ÷ keep on the means, and the largest difference between the two
@@ -11,7 +11,7 @@ from . import add_json_arg, emit
 
 def add_command(bsub) -> None:
     p = bsub.add_parser("allocator", help="eval tofu with glibc's malloc as it is vs freed memory kept in the "
-                        "process (the CLI's default): wall time, page faults")
+                        "process (UNLEARNKIT_MALLOC=keep): wall time, page faults")
     p.add_argument("--split", default="forget01", choices=["mini", "forget01", "forget05", "forget10"])
     p.add_argument("--model", default=None, help="model folder (default: the offline SmolLM2-135M-Instruct)")
     p.add_argument("--limit", type=int, default=40, help="evaluate the first N rows of each set (default 40)")
